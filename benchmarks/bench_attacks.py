@@ -1,0 +1,196 @@
+"""Benchmark: the seed's metric (spec §2) by batched Newton vs the seed's scikit-learn loop.
+
+Run: python benchmarks/bench_attacks.py
+Target (performance.md, Scoring): seed_scores on 1,000 forget examples x (100 + 100) models in
+<= 0.3 s on the project's 2-core machines. scikit-learn is timed on a subset and extrapolated per
+example, since its full loop takes tens of seconds. If UNLEARN_BENCH_OUT names a folder, the
+numbers are also written to attacks_seed.json there. Exits 0 even when the target fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy
+import sklearn
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, make_scorer
+from sklearn.model_selection import cross_val_score
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # so the script runs without an install
+NUM_EXAMPLES = 1_000  # forget examples
+NUM_MODELS = 100  # models per bank
+SKLEARN_SUBSET = 100  # examples run through scikit-learn, extrapolated to NUM_EXAMPLES
+REPEATS = 5  # seed_scores timings; the median is reported
+TARGET_S = 0.3  # seconds for seed_scores on NUM_EXAMPLES x (NUM_MODELS + NUM_MODELS)
+DATA_SEED = 0
+DELTA = 1e-6
+
+
+def synthetic_losses(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example cross-entropy-like losses, [NUM_MODELS, NUM_EXAMPLES] per bank.
+
+    Each example has its own typical loss; the unlearned bank matches the retrained one for 40%
+    of the examples, is shifted up by 0.3 of a spread for 30%, by 1.5 spreads for 20% and is
+    far off (near separable) for the remaining 10%.
+    """
+    level = rng.uniform(-3.0, 1.0, size=NUM_EXAMPLES)  # log of the typical loss per example
+    draw = rng.random(NUM_EXAMPLES)
+    shift = np.select([draw < 0.4, draw < 0.7, draw < 0.9], [0.0, 0.3, 1.5], default=5.0)
+    retrained = np.exp(level + 0.5 * rng.standard_normal((NUM_MODELS, NUM_EXAMPLES)))
+    unlearned = np.exp(level + 0.5 * (shift + rng.standard_normal((NUM_MODELS, NUM_EXAMPLES))))
+    # The seed's losses come from float32 tensors.
+    return unlearned.astype(np.float32), retrained.astype(np.float32)
+
+
+def seed_loop_with_sklearn(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
+    """The seed's per-example loop (spec §2), scikit-learn at default settings. [E] scores.
+
+    As in the seed notebook: cross_val_score(LogisticRegression(), cv=2) twice per example, once
+    with the ε-bucket scorer and once for accuracy, so 4 fits per example.
+    """
+    num_models = unlearned.shape[0]
+    cap = math.log(num_models / 2 - 1)
+    labels = np.array([0] * num_models + [1] * num_models)
+
+    def fold_score(y_true, y_pred):
+        tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+        fpr, fnr = fp / (fp + tn), fn / (fn + tp)
+        if fpr == 0 or fnr == 0:
+            return np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            epsilon = np.nanmax(
+                [np.log(1 - DELTA - fpr) - np.log(fnr), np.log(1 - DELTA - fnr) - np.log(fpr)]
+            )
+        if np.isnan(epsilon):
+            return np.nan
+        return 2 / 2 ** (int(min(epsilon, cap) / 0.5) + 1)
+
+    scorer = make_scorer(fold_score)
+    scores = []
+    for e in range(unlearned.shape[1]):
+        x = np.concatenate([retrained[:, e], unlearned[:, e]])[:, None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-NaN folds, as in the seed
+            per_fold = cross_val_score(LogisticRegression(), x, labels, cv=2, scoring=scorer)
+            cross_val_score(LogisticRegression(), x, labels, cv=2, scoring="accuracy")
+            scores.append(np.nanmean(per_fold))
+    return np.array(scores)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    """Write JSON to a temp file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2)
+        temp = f.name
+    os.replace(temp, path)
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO_ROOT))
+    from unlearn_cli.attacks import seed_scores
+
+    rng = np.random.default_rng(DATA_SEED)
+    unlearned, retrained = synthetic_losses(rng)
+
+    seed_scores(unlearned[:, :10], retrained[:, :10])  # warm-up (imports, allocator)
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        result = seed_scores(unlearned, retrained)
+        times.append(time.perf_counter() - start)
+    ours_s = float(np.median(times))
+
+    start = time.perf_counter()
+    reference = seed_loop_with_sklearn(unlearned[:, :SKLEARN_SUBSET], retrained[:, :SKLEARN_SUBSET])
+    sklearn_subset_s = time.perf_counter() - start
+    sklearn_per_example_s = sklearn_subset_s / SKLEARN_SUBSET
+    sklearn_full_s = sklearn_per_example_s * NUM_EXAMPLES
+
+    ours_subset = result.per_example[:SKLEARN_SUBSET]
+    same = (ours_subset == reference) | (np.isnan(ours_subset) & np.isnan(reference))
+    ours_subset_score = float(np.nanmean(ours_subset))
+    score_diff = abs(ours_subset_score - float(np.nanmean(reference)))
+    passed = ours_s <= TARGET_S
+
+    print(f"seed metric, {NUM_EXAMPLES} examples x ({NUM_MODELS} + {NUM_MODELS}) models")
+    print(
+        f"  seed_scores (batched Newton): {ours_s:.3f} s  (median of {REPEATS}: "
+        + ", ".join(f"{t:.3f}" for t in times)
+        + ")"
+    )
+    print(
+        f"  score {result.score:.4f}, dropped {result.dropped}, above one {result.above_one}, "
+        f"attack accuracy {result.attack_accuracy:.4f}"
+    )
+    print(
+        f"  scikit-learn loop as the seed (default LogisticRegression, 4 fits per example): "
+        f"{sklearn_subset_s:.2f} s for {SKLEARN_SUBSET} examples = "
+        f"{1e3 * sklearn_per_example_s:.1f} ms per example"
+    )
+    print(
+        f"  scikit-learn extrapolated to {NUM_EXAMPLES} examples: {sklearn_full_s:.1f} s "
+        f"(measured on {SKLEARN_SUBSET}, scaled per example)"
+    )
+    print(
+        f"  speed-up (extrapolated scikit-learn / seed_scores, this run): "
+        f"{sklearn_full_s / ours_s:.0f}x"
+    )
+    print(
+        f"  agreement on the {SKLEARN_SUBSET}-example subset vs default scikit-learn: "
+        f"{same.mean():.1%} identical examples ({same.sum()}/{SKLEARN_SUBSET}), "
+        f"score difference {score_diff:.4f}"
+    )
+    print(f"  target <= {TARGET_S} s: {'PASS' if passed else 'FAIL'}")
+
+    out = os.environ.get("UNLEARN_BENCH_OUT")
+    if out:
+        path = Path(out) / "attacks_seed.json"
+        write_json_atomically(
+            path,
+            {
+                "benchmark": "attacks_seed",
+                "num_examples": NUM_EXAMPLES,
+                "num_models_per_bank": NUM_MODELS,
+                "data_seed": DATA_SEED,
+                "seed_scores_s": ours_s,
+                "seed_scores_runs_s": times,
+                "sklearn_subset_examples": SKLEARN_SUBSET,
+                "sklearn_subset_s": sklearn_subset_s,
+                "sklearn_per_example_s": sklearn_per_example_s,
+                "sklearn_extrapolated_s": sklearn_full_s,
+                "speedup": sklearn_full_s / ours_s,
+                "identical_fraction_vs_sklearn_default": float(same.mean()),
+                "score_difference_vs_sklearn_default": score_diff,
+                "score": result.score,
+                "dropped": result.dropped,
+                "above_one": result.above_one,
+                "attack_accuracy": result.attack_accuracy,
+                "target_s": TARGET_S,
+                "passed": passed,
+                "versions": {
+                    "python": platform.python_version(),
+                    "numpy": np.__version__,
+                    "scipy": scipy.__version__,
+                    "sklearn": sklearn.__version__,
+                },
+                "machine": platform.platform(),
+                "cpu_count": os.cpu_count(),
+            },
+        )
+        print(f"  wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Learned membership-inference attacks: the seed's metric (spec §2) and the simple MIA (spec §3).
+
+Pure numpy/scipy maths: arrays in, numbers out. Arrays are `[num models, num examples]`, as in
+the rest of `unlearn_cli`; inputs are never modified in place.
+
+Both attacks fit a logistic regression on one feature (a per-sample loss). The seed and the
+starting kit do it with scikit-learn, one fit per fold per example: 20-33 ms per example at
+N = 100 models per bank. Here every fit of a call is solved at once by a batched Newton method
+(2 parameters per problem, so each 2 x 2 Newton system is solved in closed form), run to tight
+convergence. It minimises exactly scikit-learn's objective for `LogisticRegression()`
+(L2 penalty on the weight only, C = 1, intercept fitted), so it lands on the optimum that lbfgs
+approaches as its tolerance shrinks; predictions then agree with a tight-tolerance scikit-learn.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+# --- Constants of the seed's metric (spec §2) --------------------------------------------------
+SEED_DELTA = 1e-6  # δ of the (ε, δ) bound, as the seed notebook uses
+SEED_BUCKET_WIDTH = 0.5  # ε per bucket; bucket k is worth 2^-k
+SEED_N_FOLDS = 2  # StratifiedKFold(n_splits=2, shuffle=False), cross_val_score(cv=2)
+
+# --- Constants of the starting kit's simple MIA (spec §3) --------------------------------------
+MIA_N_SPLITS = 10  # StratifiedShuffleSplit(n_splits=10, ...) as in the starting kit
+MIA_TEST_SIZE = 0.1  # the kit leaves test_size unset: scikit-learn's default is 0.1 of the samples
+MIA_SPLIT_SEED = 0  # the kit's random_state=0 for the splitter
+MIA_MIN_PER_CLASS = 10  # below this the 10% test part cannot hold both classes reliably
+
+# --- The logistic regression every attack fits --------------------------------------------------
+LOGREG_C = 1.0  # inverse L2 strength: minimise 0.5 * w^2 + C * sum of log-losses (sklearn default)
+NEWTON_MAX_ITER = 100  # typical problems converge in 5-10 iterations
+# Near the optimum (Newton decrement λ² = gᵀ H⁻¹ g, about twice the distance to the optimum in
+# objective units, below this) the full Newton step is taken without a line search: the expected
+# decrease is then too close to the objective's rounding (~1e-14 relative) for a test to mean much,
+# and Newton converges quadratically there.
+NEWTON_FULL_STEP_DECREMENT = 1e-8
+# A problem is done once a full Newton step moves no training logit by more than this (logit
+# units): with quadratic convergence the step just taken leaves it ~1e-20 from the optimum ...
+NEWTON_STEP_TOL = 1e-10
+# ... or once λ² is below this, far under the objective's rounding. That catches problems whose
+# logits cannot be pinned to 1e-10 in float64 (e.g. losses of 0 and 1e4: gradient rounding moves
+# them by ~1e-9); every training point is then far from the boundary, so predictions are settled.
+NEWTON_DECREMENT_TOL = 1e-20
+# Damping: no Newton step may move any training logit by more than this (logit units). It only
+# binds far from the optimum (e.g. on nearly separable data) and keeps exp() from saturating.
+NEWTON_MAX_LOGIT_STEP = 20.0
+LINE_SEARCH_MAX_HALVINGS = 40
+ARMIJO_C = 1e-4
+# scikit-learn predicts class 1 iff the decision value is > 0. An exact 0 happens at degenerate
+# optima (identical or constant banks give w = b = 0); our summation order can leave ~1e-17 there
+# instead, so decision values within this many logit units of 0 count as the tie (class 0).
+DECISION_TIE_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class SeedScores:
+    """The seed's metric (spec §2) for one unlearning method.
+
+    Attributes:
+        per_example: float64 [num examples], read-only. Each forget example's score, the mean of
+            its two fold scores ignoring NaN folds; NaN where both folds were NaN.
+        score: nanmean of `per_example`, as the seed reports it (NaN if every example dropped).
+        dropped: examples whose folds were all NaN, left out of `score` (biases it upward).
+        above_one: examples scoring above 1 because the attack did worse than chance
+            (FPR + FNR > 1 makes ε ≤ -0.5); the seed keeps them, so does `score`.
+        attack_accuracy: accuracy of the attack on the held-out fold, averaged over the two
+            folds and then over all examples (dropped ones included, as in the seed).
+        num_models: N, models per bank.
+    """
+
+    per_example: np.ndarray
+    score: float
+    dropped: int
+    above_one: int
+    attack_accuracy: float
+    num_models: int
+
+
+def seed_scores(unlearned_losses: np.ndarray, retrained_losses: np.ndarray) -> SeedScores:
+    """Score an unlearning method with the seed's learned attack (spec §2).
+
+    Per forget example, the 2N losses (label 0 for the N retrained models, 1 for the N unlearned
+    ones, in that order as the seed stacks them) are attacked by a logistic regression under
+    2-fold StratifiedKFold without shuffling. Per fold, with label 1 positive,
+    FPR = fp / (fp + tn), FNR = fn / (fn + tp) and
+    ε = max(log(1 - δ - FPR) - log(FNR), log(1 - δ - FNR) - log(FPR)), a NaN term ignored;
+    the fold scores 2 / 2^(trunc(min(ε, ln(N/2 - 1)) / 0.5) + 1). A fold is NaN when FPR or FNR
+    is 0 (both 0 is perfect separation, which the seed also maps to NaN) or when both ε terms
+    are NaN (FPR = FNR = 1, which the seed does not handle).
+
+    Args:
+        unlearned_losses: [num models N, num examples E] loss of each unlearned model on each
+            forget example.
+        retrained_losses: [num models N, num examples E] the same for the models retrained
+            from scratch without the forget set.
+
+    Returns:
+        SeedScores; see its docstring.
+
+    Raises:
+        ValueError: shapes differ, are not 2-D, N < 4 (ln(N/2 - 1) needs N/2 > 1 and each fold
+            needs two models per bank), no examples, or a loss is not finite.
+    """
+    unlearned = _as_float64_2d(unlearned_losses, "unlearned_losses")
+    retrained = _as_float64_2d(retrained_losses, "retrained_losses")
+    if unlearned.shape != retrained.shape:
+        raise ValueError(
+            f"unlearned_losses has shape {unlearned.shape} but retrained_losses has shape "
+            f"{retrained.shape}; both must be [num models, num examples] with equal N"
+        )
+    num_models, num_examples = unlearned.shape
+    if num_models < 4:
+        raise ValueError(f"the seed's metric needs at least 4 models per bank, got {num_models}")
+    if num_examples < 1:
+        raise ValueError("no forget examples to score (num examples is 0)")
+
+    # [E, 2N]: columns 0..N-1 retrained (label 0), N..2N-1 unlearned (label 1), as in the seed.
+    features = np.concatenate([retrained.T, unlearned.T], axis=1)
+    labels = np.repeat([0.0, 1.0], num_models)
+    folds = _stratified_kfold_splits(labels, SEED_N_FOLDS)
+
+    # One logistic regression per (fold, example), all fitted in as few batched calls as the
+    # fold sizes allow (one call when N is even: both training folds hold N models).
+    decisions = _fit_and_decide(
+        [(features[:, train], labels[train], features[:, test]) for train, test in folds]
+    )
+
+    cap = np.log(num_models / 2 - 1)  # largest ε a fold of N/2 + N/2 models can show
+    fold_scores = np.empty((len(folds), num_examples))
+    fold_accuracy = np.empty((len(folds), num_examples))
+    for k, ((_, test), decision) in enumerate(zip(folds, decisions, strict=True)):
+        predicted = decision > DECISION_TIE_TOL  # [E, n_test]
+        truth = labels[test].astype(bool)  # [n_test]
+        fp = np.sum(predicted & ~truth, axis=1)
+        fn = np.sum(~predicted & truth, axis=1)
+        n_neg, n_pos = np.sum(~truth), np.sum(truth)
+        fold_scores[k] = _seed_fold_score(fp / n_neg, fn / n_pos, cap)
+        fold_accuracy[k] = 1.0 - (fp + fn) / truth.size
+
+    per_example = _nanmean_rows(fold_scores.T)
+    per_example.setflags(write=False)
+    kept = ~np.isnan(per_example)
+    return SeedScores(
+        per_example=per_example,
+        score=float(per_example[kept].mean()) if kept.any() else float("nan"),
+        dropped=int(np.sum(~kept)),
+        above_one=int(np.sum(per_example[kept] > 1.0)),
+        attack_accuracy=float(fold_accuracy.mean(axis=0).mean()),
+        num_models=int(num_models),
+    )
+
+
+def simple_mia(forget_losses: np.ndarray, test_losses: np.ndarray, *, seed: int = 0) -> float:
+    """The starting kit's population attack (spec §3): mean attack accuracy over models.
+
+    For each unlearned model, the larger of its forget and test loss sets is shuffled and cut to
+    the size of the smaller (the test set when sizes are equal, as the kit does); a logistic
+    regression on the loss (forget = 1, test = 0) is scored by accuracy under
+    StratifiedShuffleSplit(n_splits=10, test_size=0.1, random_state=0), the kit's splitter; the
+    mean over splits is the model's accuracy. About 0.5 is ideal.
+
+    Args:
+        forget_losses: [num models M, num forget examples F] per-sample losses on the forget set.
+        test_losses: [num models M, num test examples T] per-sample losses on the test set.
+        seed: seeds the subsampling (the kit used numpy's global, unseeded, generator).
+
+    Returns:
+        Mean over the M models of the mean accuracy over the 10 splits.
+
+    Raises:
+        ValueError: not 2-D, different numbers of models, min(F, T) < 10, or a non-finite loss.
+    """
+    # Only the splitter comes from scikit-learn, so the splits are the kit's exactly; imported
+    # here because scikit-learn takes about a second to import and the seed metric needs none of it.
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    forget = _as_float64_2d(forget_losses, "forget_losses")
+    test = _as_float64_2d(test_losses, "test_losses")
+    if forget.shape[0] != test.shape[0]:
+        raise ValueError(
+            f"forget_losses has {forget.shape[0]} models but test_losses has {test.shape[0]}; "
+            "both must be [num models, num examples] for the same models"
+        )
+    per_class = min(forget.shape[1], test.shape[1])
+    if per_class < MIA_MIN_PER_CLASS:
+        raise ValueError(
+            f"simple MIA needs at least {MIA_MIN_PER_CLASS} forget and test losses per model, "
+            f"got {forget.shape[1]} forget and {test.shape[1]} test"
+        )
+    if forget.shape[0] < 1:
+        raise ValueError("no models to attack (num models is 0)")
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for forget_row, test_row in zip(forget, test, strict=True):
+        if forget_row.size > test_row.size:
+            forget_row = rng.permutation(forget_row)[:per_class]
+        else:
+            test_row = rng.permutation(test_row)[:per_class]
+        rows.append(np.concatenate([test_row, forget_row]))
+    samples = np.stack(rows)  # [M, 2 * per_class]: test (label 0) then forget (label 1)
+    labels = np.repeat([0.0, 1.0], per_class)
+
+    # The labels are the same for every model, so the kit's splitter gives every model the same
+    # splits; fit all (model, split) problems in one batched solve.
+    splitter = StratifiedShuffleSplit(
+        n_splits=MIA_N_SPLITS, test_size=MIA_TEST_SIZE, random_state=MIA_SPLIT_SEED
+    )
+    splits = list(splitter.split(np.zeros((labels.size, 1)), labels))
+    decisions = _fit_and_decide([(samples[:, tr], labels[tr], samples[:, te]) for tr, te in splits])
+    accuracy = np.stack(
+        [
+            np.mean((decision > DECISION_TIE_TOL) == labels[te].astype(bool), axis=1)
+            for (_, te), decision in zip(splits, decisions, strict=True)
+        ]
+    )  # [splits, M]
+    return float(accuracy.mean(axis=0).mean())
+
+
+# --- Internals -----------------------------------------------------------------------------------
+
+
+def _as_float64_2d(values: np.ndarray, name: str) -> np.ndarray:
+    """A float64 copy-or-view of a 2-D array of finite values; raises ValueError otherwise."""
+    array = np.asarray(values, dtype=np.float64)  # float32 losses upcast exactly, as sklearn does
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [num models, num examples], got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} holds {np.sum(~np.isfinite(array))} non-finite values")
+    return array
+
+
+def _stratified_kfold_splits(labels: np.ndarray, n_splits: int) -> list[tuple[np.ndarray, ...]]:
+    """(train, test) index pairs of StratifiedKFold(n_splits, shuffle=False).split(labels).
+
+    scikit-learn sorts the class codes, deals them round-robin over folds to get how many of each
+    class each fold's test part holds, then gives fold 0 the first such members of each class
+    (in order of appearance), fold 1 the next, and so on. With N models per class and N even,
+    each fold's test part is the first (fold 0) or second (fold 1) half of each class.
+
+    Args:
+        labels: [num samples] class labels.
+    """
+    _, codes = np.unique(labels, return_inverse=True)
+    # scikit-learn numbers classes by first appearance; the allocation below does not depend on it.
+    ordered = np.sort(codes)
+    n_classes = codes.max() + 1
+    allocation = np.stack(
+        [np.bincount(ordered[i::n_splits], minlength=n_classes) for i in range(n_splits)]
+    )  # [n_splits, n_classes]
+    test_fold = np.empty(labels.size, dtype=np.int64)
+    for k in range(n_classes):
+        test_fold[codes == k] = np.repeat(np.arange(n_splits), allocation[:, k])
+    everything = np.arange(labels.size)
+    return [(everything[test_fold != i], everything[test_fold == i]) for i in range(n_splits)]
+
+
+def _fit_and_decide(
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> list[np.ndarray]:
+    """Fit a logistic regression per row of each block and return decision values on its test part.
+
+    Blocks whose training sets have the same size are stacked into one batched solve.
+
+    Args:
+        blocks: (x_train [P, n], y_train [n], x_test [P, m]) per block; row p of x_train and
+            x_test belongs to problem p; y_train is shared by the block's problems.
+
+    Returns:
+        decision values w * x_test + b, [P, m] per block.
+    """
+    sizes = {x_train.shape[1] for x_train, _, _ in blocks}
+    if len(sizes) == 1:
+        x = np.concatenate([x_train for x_train, _, _ in blocks])
+        y = np.concatenate(
+            [np.broadcast_to(y_train, x_train.shape) for x_train, y_train, _ in blocks]
+        )
+        weight, intercept = _fit_logistic_1d(x, y)
+        bounds = np.cumsum([0] + [x_train.shape[0] for x_train, _, _ in blocks])
+        fits = [(weight[a:b], intercept[a:b]) for a, b in itertools.pairwise(bounds)]
+    else:
+        fits = [_fit_logistic_1d(x_train, y_train) for x_train, y_train, _ in blocks]
+    return [
+        w[:, None] * x_test + b[:, None]
+        for (w, b), (_, _, x_test) in zip(fits, blocks, strict=True)
+    ]
+
+
+def _softplus(u: np.ndarray) -> np.ndarray:
+    """log(1 + exp(u)) without overflow."""
+    return np.maximum(u, 0.0) + np.log1p(np.exp(-np.abs(u)))
+
+
+def _fit_logistic_1d(
+    x: np.ndarray, y: np.ndarray, *, C: float = LOGREG_C
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batched L2 logistic regression on one feature, by damped Newton to tight convergence.
+
+    Problem p minimises 0.5 * w_p^2 + C * sum_i log(1 + exp(-t_pi * (w_p * x_pi + b_p))) with
+    t = 2y - 1: scikit-learn's LogisticRegression(C=C) objective (it divides the whole objective
+    by C * n, which moves no optimum), intercept b unpenalised. The objective is strictly convex
+    with a finite optimum even on separable data, because the penalty bounds w and both classes
+    bound b.
+
+    Internally x is centred per problem (b' = b + w * mean(x)): the same objective, since b is
+    free, but a better-conditioned Hessian when losses have a large mean and a small spread.
+
+    Args:
+        x: [P, n] feature values, one problem per row.
+        y: [n] or [P, n] labels in {0, 1}; both classes must occur in every row.
+        C: inverse L2 strength.
+
+    Returns:
+        (w [P], b [P]): weight and intercept on the raw feature, so decision = w * x + b.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    sign = 2.0 * np.broadcast_to(np.asarray(y, dtype=np.float64), x.shape) - 1.0  # t, [P, n]
+    y01 = (sign + 1.0) / 2.0
+    centre = x.mean(axis=1)
+    xc = x - centre[:, None]
+    reach = np.abs(xc).max(axis=1)  # [P], bounds |Δz| of a step: |Δw| * reach + |Δb|
+
+    num = x.shape[0]
+    w = np.zeros(num)
+    b = np.zeros(num)  # intercept in centred coordinates
+    active = np.arange(num)
+    for _ in range(NEWTON_MAX_ITER):
+        if active.size == 0:
+            break
+        xa, ta, ya = xc[active], sign[active], y01[active]
+        wa, ba = w[active], b[active]
+        z = wa[:, None] * xa + ba[:, None]
+        p = expit(z)
+        s = p * expit(-z)  # p(1 - p), accurate when p is near 1
+        residual = p - ya
+        g_w = wa + C * np.einsum("pi,pi->p", residual, xa)
+        g_b = C * residual.sum(axis=1)
+        sx = s * xa
+        h_ww = 1.0 + C * np.einsum("pi,pi->p", sx, xa)
+        h_wb = C * sx.sum(axis=1)
+        h_bb = C * s.sum(axis=1)
+        # det >= h_bb by Cauchy-Schwarz; it is 0 only when every s underflowed, far from the
+        # optimum, where the tiny floor just gives a long step that the damping below shortens.
+        det = np.maximum(h_ww * h_bb - h_wb**2, 1e-300)
+        step_w = -(h_bb * g_w - h_wb * g_b) / det
+        step_b = -(h_ww * g_b - h_wb * g_w) / det
+        decrement = -(g_w * step_w + g_b * step_b)  # λ² = gᵀ H⁻¹ g >= 0
+        logit_step = np.abs(step_w) * reach[active] + np.abs(step_b)  # max |Δz| over the samples
+        scale = np.minimum(1.0, NEWTON_MAX_LOGIT_STEP / np.maximum(logit_step, 1e-300))
+        step_w *= scale
+        step_b *= scale
+        slope = -decrement * scale  # directional derivative gᵀ(step), <= 0
+
+        # Backtracking (Armijo) line search, vectorised, skipped near the optimum.
+        f_now = 0.5 * wa**2 + C * _softplus(-ta * z).sum(axis=1)
+        alpha = np.ones(active.size)
+        accepted = decrement <= NEWTON_FULL_STEP_DECREMENT
+        done = accepted & ((logit_step <= NEWTON_STEP_TOL) | (decrement <= NEWTON_DECREMENT_TOL))
+        for _ in range(LINE_SEARCH_MAX_HALVINGS):
+            trial = np.flatnonzero(~accepted)
+            if trial.size == 0:
+                break
+            w_try = wa[trial] + alpha[trial] * step_w[trial]
+            b_try = ba[trial] + alpha[trial] * step_b[trial]
+            z_try = w_try[:, None] * xa[trial] + b_try[:, None]
+            f_try = 0.5 * w_try**2 + C * _softplus(-ta[trial] * z_try).sum(axis=1)
+            ok = f_try <= f_now[trial] + ARMIJO_C * alpha[trial] * slope[trial]
+            accepted[trial[ok]] = True
+            alpha[trial[~ok]] *= 0.5
+        # No decrease found at all (never seen in practice): take no step; the problem stays
+        # active and is reported below if it never converges.
+        alpha[~accepted] = 0.0
+        w[active] = wa + alpha * step_w
+        b[active] = ba + alpha * step_b
+        active = active[~done]
+    if active.size:
+        warnings.warn(
+            f"logistic regression did not converge for {active.size} of {num} problems in "
+            f"{NEWTON_MAX_ITER} Newton iterations",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return w, b - w * centre
+
+
+def _seed_fold_score(fpr: np.ndarray, fnr: np.ndarray, cap: float) -> np.ndarray:
+    """Bucket score of one fold per example (spec §2); NaN where the seed gives none.
+
+    Args:
+        fpr, fnr: [E] false positive and false negative rates of the fold's attack.
+        cap: largest ε, ln(N/2 - 1).
+
+    Returns:
+        [E] 2 / 2^(trunc(min(ε, cap) / 0.5) + 1), i.e. 2^-trunc(...): 1 for |ε| < 0.5, halving
+        per 0.5 of ε above, doubling per 0.5 below -0.5 (attack worse than chance).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # log(0) = -inf and log(negative) = NaN are the seed's np.log results too.
+        e1 = np.log(1.0 - SEED_DELTA - fpr) - np.log(fnr)
+        e2 = np.log(1.0 - SEED_DELTA - fnr) - np.log(fpr)
+    epsilon = np.fmax(e1, e2)  # like the seed's np.nanmax: a NaN term is ignored
+    # trunc toward zero, as Python's int() in the seed.
+    bucket = np.trunc(np.minimum(epsilon, cap) / SEED_BUCKET_WIDTH)
+    valid = (fpr > 0) & (fnr > 0) & ~np.isnan(epsilon)
+    with np.errstate(invalid="ignore"):
+        return np.where(valid, np.exp2(-bucket), np.nan)
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean of each row ignoring NaN; NaN (without a warning) for an all-NaN row. [R, C] -> [R]."""
+    present = ~np.isnan(values)
+    count = present.sum(axis=1)
+    total = np.where(present, values, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
