@@ -1,0 +1,154 @@
+"""`unlearn apply`: run an unlearning method N times from the original checkpoint, resumable.
+
+Run i uses seed UNLEARN_SEED_BASE + i (distinct from the reference seeds 0..N-1) and is stored with
+its per-sample outputs and the wall time of the method alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import JobsFailed, MethodError, StoreError, UnlearnError
+from .launch import Job, JobOutcome, plan_slots, run_jobs
+from .methods import check_method_sections, is_plugin, method_params, resolve
+from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
+
+UNLEARN_SEED_BASE = 1_000_000
+JOB_SIZE = 10  # unlearning runs per job: a crash loses at most this many per worker
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    store: Path
+    method: str
+    trained: list[int]
+    reused: list[int]
+    outcomes: list[JobOutcome]
+
+
+def unlearn_seed(run_index: int) -> int:
+    return UNLEARN_SEED_BASE + run_index
+
+
+def check_ready(store: Store) -> list[int]:
+    """The stored reference seeds; raise if the store cannot be unlearned from yet."""
+    store.read_experiment()
+    refs = store.done_seeds(REFERENCE)
+    if not store.is_done(ORIGINAL) or not refs:
+        raise StoreError(
+            f"store {store.root} has no {'original model' if not store.is_done(ORIGINAL) else ''}"
+            f"{' or ' if not store.is_done(ORIGINAL) and not refs else ''}"
+            f"{'reference models' if not refs else ''}; run `unlearn train-refs --store "
+            f"{store.root}` first"
+        )
+    return refs
+
+
+def run(
+    cfg: Config,
+    store_root: str | Path,
+    *,
+    method_spec: str,
+    num_models: int | None = None,
+    on_event: Callable[[str, str, Any], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+    inline: bool | None = None,
+) -> ApplyResult:
+    method = resolve(method_spec)
+    check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
+    params = method_params(method, cfg)
+    if num_models is not None and num_models < 1:
+        raise UnlearnError(f"--num-models must be at least 1, got {num_models}")
+    store = Store(store_root)
+    refs = check_ready(store)
+    store.check_compatible(cfg)
+    store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
+    n = num_models if num_models is not None else len(refs)
+    record = {
+        "name": method_spec,
+        "spec": method_spec,
+        "summary": method.summary,
+        "params": dataclasses.asdict(params) if dataclasses.is_dataclass(params) else params,
+    }
+    with store.writing():
+        store.save_method(method_spec, record)
+        done = set(store.done_seeds(UNLEARNED, method_spec))
+        missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
+        launch = cfg.launch
+        slots = plan_slots(launch.device, workers=launch.workers,
+                           workers_per_gpu=launch.workers_per_gpu,
+                           num_jobs=max(1, len(missing)))
+        size = launch.chunk_size or JOB_SIZE
+        size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
+        base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec}
+        jobs = [
+            Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
+                {**base, "seeds": chunk}, len(chunk))
+            for chunk in (missing[i : i + size] for i in range(0, len(missing), size))
+        ]
+        if on_plan is not None:
+            on_plan(len(missing), n - len(missing))
+        outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise JobsFailed(
+            f"{len(failed)} of {len(jobs)} unlearning jobs failed ("
+            + "; ".join(f"{o.id}: {o.error}" for o in failed[:3])
+            + ("; ..." if len(failed) > 3 else "")
+            + "); the finished runs are stored: fix the cause and rerun the same command"
+        )
+    reused = sorted(s for s in done if s < unlearn_seed(n))
+    return ApplyResult(store.root, method_spec, missing, reused, outcomes)
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
+    """Run the method once per seed of the job and store each result; runs in a worker."""
+    import torch
+    from torch import nn
+
+    from .context import Stopwatch, context, provenance, save_trained
+    from .methods.api import UnlearnData
+    from .models import build_model
+
+    ctx = context(payload, device)
+    spec = payload["method"]
+    method = resolve(spec)
+    params = method_params(method, ctx.cfg)
+    original = ctx.store.load_model(ORIGINAL)
+    forget_x, forget_y = ctx.subset("forget")
+    retain_x, retain_y = ctx.subset("retain")
+    data = UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes)
+    for seed in payload["seeds"]:
+        if ctx.store.is_done(UNLEARNED, seed, spec):
+            progress(1)
+            continue
+        model = build_model(original["model"])
+        model.load_state_dict(original["state_dict"])
+        model.to(ctx.device).eval()
+        torch.manual_seed(seed)
+        try:
+            with Stopwatch(ctx.device) as watch:
+                result = method.fn(model, data, params, device=ctx.device, seed=seed)
+        except UnlearnError:
+            raise
+        except Exception as exc:
+            raise MethodError(
+                f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(result, nn.Module):
+            raise MethodError(
+                f"method {spec!r} returned {type(result).__name__} at seed {seed}; "
+                "it must return the unlearned torch.nn.Module"
+            )
+        result.eval()
+        meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=watch.seconds,
+                          timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
+        save_trained(ctx, UNLEARNED, seed, result, meta, method=spec)
+        progress(1)

@@ -1,0 +1,294 @@
+"""Experiment configuration: YAML -> frozen dataclasses, `--set` overrides, validation.
+
+Every problem in a config (unknown keys, wrong types, bad values) is collected and reported in one
+`ConfigError`, each line naming its dotted key. Unknown keys are errors, never ignored: a typo such
+as `train.epoch` would otherwise silently train with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "digits.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # digits (bundled with scikit-learn)
+    root: str = "data"  # folder for datasets that live on disk; unused by digits
+    test_fraction: float = 0.25  # share of all examples held out as the test set, stratified
+    forget_size: float = 0.1  # forget set: a count (>= 1) or a fraction of train (< 1)
+    split_seed: int = 0  # seeds the train/test split and the choice of the forget set
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"  # mlp
+    hidden: tuple[int, ...] = (128,)  # hidden layer widths, units
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # SGD with Nesterov momentum and a cosine schedule to zero. On digits, 30 epochs at lr 0.1 reach
+    # about 97.5% test accuracy (three seeds measured: 97.3-98.0%); lr 0.02 stays below 96%.
+    epochs: int = 30  # passes over the training data
+    batch_size: int = 64  # examples per step
+    lr: float = 0.1  # peak learning rate, per step of batch_size examples
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # L2, applied by SGD
+    engine: str = "auto"  # auto | ensemble (many models as one batched model) | loop (one by one)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:0,1
+    workers: int = 0  # CPU worker processes; 0 = one per core, capped by the number of jobs
+    workers_per_gpu: int = 1  # long-lived worker processes per GPU
+    chunk_size: int = 0  # models per job; 0 = automatic
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "digits"  # the experiment's name: the default store is runs/<name>
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    launch: LaunchConfig = LaunchConfig()
+    # Hyperparameters per unlearning method: method.<name>.<key>. Validated against the method's own
+    # parameter dataclass when the method is resolved (see methods/__init__.py).
+    method: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able data (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections, e.g. ("data", "model", "train")."""
+        full = self.to_dict()
+        blob = json.dumps({s: full[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The sections that define the reference models: a store made under other values is incompatible.
+REFERENCE_SECTIONS = ("data", "model", "train")
+
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "launch": LaunchConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true or false"
+    if typing.get_origin(tp) is tuple:
+        return "a list of integers"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check `value` against the annotation `tp`; return (ok, converted value)."""
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        return ok, tuple(value) if ok else value
+    return True, value
+
+
+def build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build the frozen dataclass `cls` from a mapping, appending every problem to `problems`.
+
+    Keys are named in problems as `<prefix>.<key>`. Returns an instance built from the valid keys
+    (defaults elsewhere), so that callers can keep collecting problems in other sections.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{prefix}: expected a mapping of keys to values, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            problems.append(
+                f"{prefix}.{key}: unknown key; valid keys under {prefix}: {', '.join(names)}"
+            )
+            continue
+        ok, converted = _coerce(value, hints[key])
+        if not ok:
+            problems.append(
+                f"{prefix}.{key}: expected {_type_name(hints[key])}, got {value!r}"
+            )
+            continue
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config, problems: list[str]) -> None:
+    def need(cond: bool, key: str, what: str, value: Any) -> None:
+        if not cond:
+            problems.append(f"{key}: expected {what}, got {value!r}")
+
+    d, t, m, launch = cfg.data, cfg.train, cfg.model, cfg.launch
+    need(d.dataset in ("digits",), "data.dataset", "one of: digits", d.dataset)
+    need(0 < d.test_fraction < 1, "data.test_fraction", "a fraction between 0 and 1",
+         d.test_fraction)
+    need(
+        0 < d.forget_size < 1 or (d.forget_size >= 1 and float(d.forget_size).is_integer()),
+        "data.forget_size",
+        "a fraction in (0, 1) or a whole count >= 1",
+        d.forget_size,
+    )
+    need(m.arch in ("mlp",), "model.arch", "one of: mlp", m.arch)
+    need(all(h >= 1 for h in m.hidden), "model.hidden", "widths >= 1", list(m.hidden))
+    need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    need(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    need(
+        t.engine in ("auto", "ensemble", "loop"), "train.engine", "auto, ensemble or loop", t.engine
+    )
+    need(launch.workers >= 0, "launch.workers", "an integer >= 0 (0 = automatic)", launch.workers)
+    need(launch.workers_per_gpu >= 1, "launch.workers_per_gpu", "an integer >= 1",
+         launch.workers_per_gpu)
+    need(launch.chunk_size >= 0, "launch.chunk_size", "an integer >= 0 (0 = automatic)",
+         launch.chunk_size)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set dotted.key=value`; the value is read as YAML (`3`, `0.1`, `[64, 64]`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"--set {text!r}: expected dotted.key=value, for example --set train.epochs=10"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of the raw config mapping with every `--set` applied in order."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(
+                    f"--set {text!r}: {part!r} holds a value, not a section; "
+                    "set the section's keys one by one"
+                )
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def from_mapping(raw: Any, *, source: str = "config") -> Config:
+    """Validate a raw mapping (parsed YAML plus overrides) into a `Config`, or raise one error."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a YAML mapping at the top level, got {raw!r}")
+    known = ["name", *(_SECTIONS), "method"]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "name":
+            if isinstance(value, str) and value and "/" not in value:
+                kwargs["name"] = value
+            else:
+                problems.append(f"name: expected a non-empty string without '/', got {value!r}")
+        elif key in _SECTIONS:
+            kwargs[key] = build_dataclass(_SECTIONS[key], value, key, problems)
+        elif key == "method":
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping) or not all(
+                isinstance(v, Mapping) or v is None for v in value.values()
+            ):
+                problems.append(
+                    "method: expected one mapping of hyperparameters per method name, "
+                    "for example method: {finetune: {epochs: 5}}"
+                )
+            else:
+                kwargs["method"] = {str(k): dict(v or {}) for k, v in value.items()}
+        else:
+            problems.append(f"{key}: unknown key; valid top-level keys: {', '.join(known)}")
+    cfg = Config(**kwargs)
+    _check_values(cfg, problems)
+    if problems:
+        raise ConfigError(
+            f"{source} has {len(problems)} problem(s): " + "; ".join(problems)
+        )
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (the digits default when `path` is None) and apply `--set` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        hint = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(
+            f"config file {path} does not exist; pass --config with an existing YAML file "
+            f"(bundled: {hint})"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = str(exc).replace("\n", " ")
+        raise ConfigError(f"{path} is not valid YAML: {line}") from None
+    raw = apply_overrides(raw or {}, overrides)
+    return from_mapping(raw, source=str(path))
+
+
+def diff_sections(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings, as `key: old -> new`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += diff_sections(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

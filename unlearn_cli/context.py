@@ -1,0 +1,108 @@
+"""What a worker needs for an experiment's jobs, built once per worker process and reused.
+
+Shared by `train_refs` and `apply`: the config, the store, the split, the dataset on the device, the
+model spec, and `save_trained`, which computes a model's per-sample outputs and stores both files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import REFERENCE_SECTIONS, Config, from_mapping
+from .data import load_dataset
+from .models import model_spec
+from .store import Store, hash_split, now, versions
+from .training import per_sample_outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    cfg: Config
+    store: Store
+    split: dict[str, np.ndarray]
+    split_hash: str
+    x: torch.Tensor  # the whole dataset on `device`
+    y: torch.Tensor
+    spec: dict[str, Any]  # rebuilds the model
+    num_classes: int
+    device: torch.device
+
+    def subset(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.split[name], device=self.device)
+        return self.x[idx], self.y[idx]
+
+
+@functools.lru_cache(maxsize=2)
+def _context(store_root: str, cfg_json: str, device: str) -> Context:
+    cfg = from_mapping(json.loads(cfg_json))
+    store = Store(store_root)
+    split = store.load_split()
+    dataset = load_dataset(cfg.data)
+    dev = torch.device(device)
+    return Context(
+        cfg=cfg,
+        store=store,
+        split=split,
+        split_hash=hash_split(split),
+        x=dataset.x.to(dev),
+        y=dataset.y.to(dev),
+        spec=model_spec(cfg.model, dataset.input_shape, dataset.num_classes),
+        num_classes=dataset.num_classes,
+        device=dev,
+    )
+
+
+def context(payload: dict[str, Any], device: str) -> Context:
+    """The context for a job payload holding `store` (a path) and `config` (a resolved dict)."""
+    return _context(payload["store"], json.dumps(payload["config"], sort_keys=True), device)
+
+
+def provenance(ctx: Context, kind: str, seed: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "seed": int(seed),
+        "config_hash": ctx.cfg.section_hash(*REFERENCE_SECTIONS),
+        "split_hash": ctx.split_hash,
+        "device": str(ctx.device),
+        "versions": versions(),
+        "created": now(),
+        **extra,
+    }
+
+
+def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dict[str, Any],
+                 *, method: str | None = None) -> None:
+    """Store a finished model: checkpoint first, then its outputs (which mark it done)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ctx.store.save_model(kind, seed, state, meta, method=method, model_spec=ctx.spec)
+    outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split)
+    ctx.store.save_outputs(kind, seed, outputs, meta, method=method)
+
+
+class Stopwatch:
+    """Wall seconds of a block, synchronising the GPU so that queued kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,117 @@
+"""Datasets and the seeded train/test/forget/retain split.
+
+A dataset is held whole in memory as tensors: `x` float32 [num_examples, *input_shape] and `y` int64
+[num_examples]. The split is a dict of index arrays into it; it is made once per experiment and kept
+in the store, so every model of an experiment sees exactly the same forget and retain sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    x: torch.Tensor  # noqa: F821  float32 [num_examples, *input_shape]
+    y: torch.Tensor  # noqa: F821  int64 [num_examples]
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load the configured dataset (cached per process: workers call this once per job)."""
+    import torch
+
+    if cfg.dataset == "digits":
+        pixels, labels = _digits_arrays()
+        # Pixels are counts 0..16 of an 8x8 grid; scale to [0, 1].
+        x = torch.tensor(pixels / 16.0, dtype=torch.float32)
+        y = torch.tensor(labels, dtype=torch.int64)
+        return Dataset("digits", x, y, num_classes=10)
+    raise DataError(f"unknown dataset {cfg.dataset!r}; expected one of: digits")
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: pixels [1797, 64] in 0..16 and labels [1797].
+
+    Read straight from the CSV that scikit-learn ships, because importing scikit-learn costs about
+    1.2 s per process (measured), paid again by every worker; `load_digits` is the fallback.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits dataset ships with scikit-learn, which is not installed; "
+                        "run `make install`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.float64)
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - layout changed upstream
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified train/test split: each class gives round(test_fraction * count) to test,
+    adjusted so that the test set has round(test_fraction * n) examples overall."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    target = int(round(test_fraction * n))
+    exact = counts * test_fraction
+    take = np.floor(exact).astype(int)
+    # Hand out the remaining test slots to the classes with the largest fractional parts.
+    for k in np.argsort(-(exact - take), kind="stable")[: target - take.sum()]:
+        take[k] += 1
+    test = []
+    for cls, k in zip(classes, take):
+        members = np.flatnonzero(labels == cls)
+        test.append(rng.choice(members, size=k, replace=False))
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(n), test)
+    return train, test
+
+
+def make_split(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Seeded stratified train/test split, then a seeded random forget set inside train.
+
+    labels: int [num_examples]. Returns int64 index arrays `train`, `test`, `forget`, `retain`
+    (each sorted; forget and retain partition train).
+    """
+    labels = np.asarray(labels)
+    train, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    forget_count = (
+        int(round(cfg.forget_size * len(train))) if cfg.forget_size < 1 else int(cfg.forget_size)
+    )
+    if not 1 <= forget_count < len(train):
+        raise DataError(
+            f"data.forget_size={cfg.forget_size} gives {forget_count} forget examples out of "
+            f"{len(train)} training examples; expected between 1 and {len(train) - 1}: "
+            "change --set data.forget_size"
+        )
+    rng = np.random.default_rng(cfg.split_seed)
+    forget = np.sort(rng.choice(train, size=forget_count, replace=False))
+    retain = np.setdiff1d(train, forget)
+    return {
+        "train": train.astype(np.int64),
+        "test": test.astype(np.int64),
+        "forget": forget.astype(np.int64),
+        "retain": retain.astype(np.int64),
+    }

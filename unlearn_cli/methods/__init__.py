@@ -1,0 +1,124 @@
+"""Unlearning methods: a registry written out literally, plus user plugins.
+
+`--method NAME` picks a built-in method; `--method pkg.module:fn` or `--method path/to/file.py:fn`
+loads a plugin function with the signature documented in `api.py`. A plugin's hyperparameters are
+`method.<fn>.*` in the config and reach it as a plain dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, build_dataclass
+from ..errors import ConfigError, MethodError
+from . import finetune, none, reset_head
+from .api import UnlearnData
+
+__all__ = ["REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # registry name, or the plugin's function name
+    fn: Callable[..., Any]
+    params: type | None  # frozen dataclass of hyperparameters; None for plugins (plain dict)
+    summary: str
+    spec: str  # what the user typed after --method
+
+
+REGISTRY: dict[str, Method] = {
+    "none": Method("none", none.unlearn, none.Params,
+                   "return the original model unchanged (the floor: scores 0)", "none"),
+    "finetune": Method("finetune", finetune.unlearn, finetune.Params,
+                       "fine-tune the original model on the retain set", "finetune"),
+    "reset-head": Method("reset-head", reset_head.unlearn, reset_head.Params,
+                         "re-initialise the classifier head, then fine-tune on retain",
+                         "reset-head"),
+}
+
+
+def is_plugin(spec: str) -> bool:
+    return ":" in spec
+
+
+def resolve(spec: str) -> Method:
+    """The method named by `--method`: a registry name or a plugin `module:fn` / `file.py:fn`."""
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    if not is_plugin(spec):
+        raise MethodError(
+            f"unknown method {spec!r}; valid methods: {', '.join(REGISTRY)} "
+            "(or a plugin: --method pkg.module:fn or --method path/to/file.py:fn)"
+        )
+    where, _, fn_name = spec.rpartition(":")
+    if not where or not fn_name.isidentifier():
+        raise MethodError(
+            f"plugin {spec!r} is not of the form pkg.module:function or path/to/file.py:function"
+        )
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _load_file(where, spec)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise MethodError(
+                f"plugin {spec!r}: cannot import module {where!r} ({exc}); check the name and "
+                "that it is importable (installed, or its folder on PYTHONPATH)"
+            ) from None
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise MethodError(
+            f"plugin {spec!r}: {where} has no function {fn_name!r}; functions there: "
+            f"{', '.join(found) or 'none'}"
+        )
+    summary = (fn.__doc__ or "user plugin").strip().splitlines()[0]
+    return Method(fn_name, fn, None, summary, spec)
+
+
+def _load_file(path_text: str, spec: str) -> Any:
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise MethodError(f"plugin {spec!r}: file {path_text} does not exist; give the path to a "
+                          ".py file, relative to the current folder or absolute")
+    name = f"unlearn_plugin_{abs(hash(str(path)))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file, any error
+        raise MethodError(f"plugin {spec!r}: importing {path_text} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    sys.modules[name] = module
+    return module
+
+
+def check_method_sections(cfg: Config, extra: tuple[str, ...] = ()) -> None:
+    """Every `method.<name>` section names a known method (or the plugin in use)."""
+    valid = [*REGISTRY, *extra]
+    unknown = [name for name in cfg.method if name not in valid]
+    if unknown:
+        raise ConfigError(
+            f"method.{unknown[0]}: unknown method; sections under method: may name "
+            f"{', '.join(valid)}"
+        )
+
+
+def method_params(method: Method, cfg: Config) -> Any:
+    """The method's hyperparameters from `method.<name>.*`, validated (all problems at once)."""
+    raw: Mapping[str, Any] = cfg.method.get(method.name, {})
+    if method.params is None:
+        return dict(raw)
+    problems: list[str] = []
+    params = build_dataclass(method.params, raw, f"method.{method.name}", problems)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
+    return params
