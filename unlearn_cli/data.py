@@ -69,12 +69,12 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified train/test split: each class gives round(test_fraction * count) to test,
-    adjusted so that the test set has round(test_fraction * n) examples overall."""
+    """Seeded stratified train/test split: the test set has ceil(test_fraction * n) examples (as
+    scikit-learn counts them), each class giving its share rounded by largest remainder."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     classes, counts = np.unique(labels, return_counts=True)
-    target = int(round(test_fraction * n))
+    target = int(np.ceil(test_fraction * n))
     exact = counts * test_fraction
     take = np.floor(exact).astype(int)
     # Hand out the remaining test slots to the classes with the largest fractional parts.

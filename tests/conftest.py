@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny experiments on the digits default, on CPU."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from unlearn_cli.config import load_config
+
+# A fast variant of the default: few epochs, in-process jobs. Used by most tests.
+FAST = ["train.epochs=3", "method.finetune.epochs=1", "method.reset-head.epochs=1",
+        "launch.workers=1"]
+
+
+@pytest.fixture
+def fast_cfg():
+    return load_config(None, FAST)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """path -> sha256 of every file under root (to prove a command left a store untouched)."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file() and path.name != ".lock":
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory):
+    """A store with the original, 6 reference models, and 6 runs of finetune and none."""
+    from unlearn_cli import apply, train_refs
+
+    root = tmp_path_factory.mktemp("store") / "digits"
+    cfg = load_config(None, FAST)
+    train_refs.run(cfg, root, num_models=6)
+    apply.run(cfg, root, method_spec="finetune")
+    apply.run(cfg, root, method_spec="none")
+    return root

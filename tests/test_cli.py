@@ -1,0 +1,167 @@
+"""The command line as a user sees it: help, and one clear line for every bad input."""
+
+import json
+import re
+
+import pytest
+from conftest import FAST, tree_digest
+from typer.testing import CliRunner
+
+from unlearn_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output  # stdout and stderr, as a terminal shows them
+
+
+def error_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def test_help_lists_the_commands():
+    result, out = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("train-refs", "apply", "score"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", ["train-refs", "apply", "score"])
+def test_each_help_ends_with_examples(command):
+    result, out = invoke(command, "--help")
+    assert result.exit_code == 0
+    tail = out[out.index("Examples"):]
+    assert f"unlearn {command}" in tail
+
+
+def sets():
+    return [x for s in FAST for x in ("--set", s)]
+
+
+@pytest.fixture
+def store_copy(trained_store, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(trained_store, dst)
+    return dst
+
+
+def test_unknown_method_lists_valid_ones(store_copy):
+    before = tree_digest(store_copy)
+    result, out = invoke("apply", "--method", "forgetful", "--store", store_copy)
+    assert result.exit_code == 1
+    line = error_line(out)
+    assert "unknown method 'forgetful'" in line and "finetune" in line and "reset-head" in line
+    assert tree_digest(store_copy) == before
+
+
+def test_unknown_config_key(tmp_path):
+    result, out = invoke("train-refs", "--num-models", 2, "--store", tmp_path / "s",
+                         "--set", "train.epoch=3")
+    assert result.exit_code == 1
+    assert "train.epoch: unknown key" in error_line(out)
+    assert not (tmp_path / "s").exists()
+
+
+def test_wrong_value_type(tmp_path):
+    result, out = invoke("train-refs", "--store", tmp_path / "s", "--set", "train.lr=fast")
+    assert result.exit_code == 1
+    assert "train.lr: expected a number, got 'fast'" in error_line(out)
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_num_models_must_be_positive(tmp_path, n):
+    result, out = invoke("train-refs", "--num-models", n, "--store", tmp_path / "s")
+    assert result.exit_code == 1
+    assert "--num-models must be at least 1" in error_line(out)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", [["score"], ["apply", "--method", "finetune"]])
+def test_missing_store(tmp_path, command):
+    result, out = invoke(*command, "--store", tmp_path / "nowhere")
+    assert result.exit_code == 1
+    assert "unlearn train-refs" in error_line(out)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_empty_store_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result, out = invoke("score", "--store", tmp_path / "empty")
+    assert result.exit_code == 1
+    assert "no experiment in store" in error_line(out)
+
+
+def test_score_before_apply(tmp_path):
+    store = tmp_path / "s"
+    result, _ = invoke("train-refs", "--num-models", 2, "--store", store, *sets())
+    assert result.exit_code == 0
+    before = tree_digest(store)
+    result, out = invoke("score", "--store", store)
+    assert result.exit_code == 1
+    assert "no unlearning runs yet" in error_line(out) and "unlearn apply" in out
+    result, out = invoke("score", "--store", store, "--method", "finetune")
+    assert "no runs of method 'finetune'" in error_line(out)
+    assert tree_digest(store) == before
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("no/such/file.py:fn", "does not exist"),
+    ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
+    ("json:no_such_function", "has no function 'no_such_function'"),
+])
+def test_bad_plugins(store_copy, spec, expected):
+    before = tree_digest(store_copy)
+    result, out = invoke("apply", "--method", spec, "--store", store_copy)
+    assert result.exit_code == 1
+    assert expected in error_line(out)
+    assert tree_digest(store_copy) == before
+
+
+def test_truncated_checkpoint(store_copy):
+    ckpt = store_copy / "original" / "model.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    before = tree_digest(store_copy)
+    result, out = invoke("apply", "--method", "reset-head", "--store", store_copy)
+    assert result.exit_code == 1
+    line = error_line(out)
+    assert "damaged or truncated" in line and "model.pt" in line
+    assert tree_digest(store_copy) == before
+
+
+def test_corrupted_outputs(store_copy):
+    path = store_copy / "reference" / "seed-000002" / "outputs.npz"
+    path.write_bytes(b"garbage" * 10)
+    result, out = invoke("score", "--store", store_copy)
+    assert result.exit_code == 1
+    assert re.search(r"seed-000002.*damaged or truncated", error_line(out))
+
+
+def test_incompatible_config(store_copy):
+    result, out = invoke("apply", "--method", "finetune", "--store", store_copy,
+                         "--config", "configs/digits.yaml")
+    assert result.exit_code == 1
+    assert "different config (train.epochs: 3 -> 30)" in error_line(out)
+
+
+def test_methods_listing():
+    result, out = invoke("methods")
+    assert result.exit_code == 0
+    assert "finetune" in out and "reset-head" in out and "none" in out
+
+
+def test_score_writes_the_report(store_copy, tmp_path):
+    out_path = tmp_path / "report.json"
+    result, out = invoke("score", "--store", store_copy, "--method", "none", "--out", out_path,
+                         "--bootstrap", 20)
+    assert result.exit_code == 0, out
+    assert "forget quality F" in out and "ceiling" in out
+    report = json.loads(out_path.read_text())
+    assert report["schema"] == "unlearn.report/1" and report["method"] == "none"
+    assert report["forget_quality"] == 0.0

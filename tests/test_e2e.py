@@ -1,0 +1,149 @@
+"""End to end on the digits default with a small N: the files produced and the numbers."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import FAST
+from typer.testing import CliRunner
+
+from unlearn_cli import apply, score
+from unlearn_cli.cli import app
+from unlearn_cli.config import load_config
+from unlearn_cli.store import ORIGINAL, REFERENCE, UNLEARNED, Store
+
+
+def test_store_layout(trained_store):
+    s = Store(trained_store)
+    exp = json.loads((trained_store / "experiment.json").read_text())
+    assert exp["schema"] == "unlearn.store/1" and exp["config"]["train"]["epochs"] == 3
+    assert {"unlearn", "python", "numpy", "torch"} <= set(exp["versions"])
+    assert s.done_seeds(REFERENCE) == list(range(6))
+    assert s.done_seeds(UNLEARNED, "finetune") == [1_000_000 + i for i in range(6)]
+    for seed in range(6):
+        d = trained_store / "reference" / f"seed-{seed:06d}"
+        assert sorted(p.name for p in d.iterdir()) == ["model.pt", "outputs.npz"]
+    arrays, meta = s.load_outputs(REFERENCE, 0)
+    split = s.load_split()
+    assert arrays["forget_logits"].shape == (len(split["forget"]), 10)
+    assert arrays["test_logits"].shape == (len(split["test"]), 10)
+    assert arrays["retain_loss"].shape == arrays["retain_correct"].shape == (len(split["retain"]),)
+    assert meta["seed"] == 0 and meta["wall_seconds"] > 0 and meta["config_hash"]
+    assert s.load_model(ORIGINAL)["meta"]["kind"] == "original"
+
+
+def test_none_scores_exactly_zero_and_finetune_does_not(trained_store):
+    (none_report,) = score.run(trained_store, methods=["none"], bootstrap=0)
+    assert none_report["forget_quality"] == 0.0
+    assert none_report["final_score"] == 0.0
+    assert all(e == 50.0 for e in none_report["per_example"]["epsilon"])
+    (ft,) = score.run(trained_store, methods=["finetune"], bootstrap=0)
+    assert ft["forget_quality"] > 0
+    assert ft["num_models"] == {"retrained": 6, "unlearned": 6, "scored": 6}
+    # The original model is what `none` returns: identical utility.
+    assert none_report["utility"]["test_accuracy"]["unlearned"] == pytest.approx(
+        none_report["original"]["test_accuracy"])
+
+
+def test_report_fields(trained_store, tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["score", "--store", str(trained_store), "--out", str(out),
+                                      "--bootstrap", "10"])
+    assert result.exit_code == 0, result.output
+    assert "finetune" in result.output and "none" in result.output  # side by side
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "unlearn.report/1"
+    by_name = {r["method"]: r for r in doc["methods"]}
+    rep = by_name["finetune"]
+    for key in ("forget_quality", "final_score", "config", "versions", "reading"):
+        assert key in rep
+    for part in ("retain_accuracy", "test_accuracy", "forget_accuracy"):
+        assert set(rep["utility"][part]) >= {"unlearned", "retrained"}
+    assert set(rep["runtime"]["seconds_per_model"]) == {"unlearned", "retrained"}
+    assert rep["runtime"]["ratio"] > 0
+    n_forget = len(Store(trained_store).load_split()["forget"])
+    assert len(rep["per_example"]["index"]) == len(rep["per_example"]["epsilon"]) == n_forget
+
+
+def test_larger_n_trains_only_the_missing(trained_store, tmp_path):
+    import shutil
+
+    from unlearn_cli import train_refs
+
+    root = tmp_path / "grow"
+    shutil.copytree(trained_store, root)
+    result = train_refs.run(load_config(None, FAST), root, num_models=8)
+    assert result.trained == [6, 7] and result.reused == list(range(6))
+    assert not result.trained_original
+    applied = apply.run(load_config(None, FAST), root, method_spec="finetune")
+    assert applied.trained == [1_000_006, 1_000_007]
+
+
+PLUGIN = '''
+import torch
+
+def shrink(model, data, params, *, device, seed):
+    """Scale every weight by a factor (a toy method)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(params.get("factor", 0.5))
+    return model
+
+def broken(model, data, params, *, device, seed):
+    raise RuntimeError("kaboom")
+'''
+
+
+@pytest.fixture
+def plugin_file(tmp_path, monkeypatch):
+    path = tmp_path / "my_methods.py"
+    path.write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+def test_plugins_from_a_file_and_from_a_module(trained_store, tmp_path, plugin_file):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(trained_store, root)
+    cfg = load_config(None, FAST + ["method.shrink.factor=0.9"])
+    apply.run(cfg, root, method_spec=f"{plugin_file}:shrink", num_models=2)
+    apply.run(cfg, root, method_spec="my_methods:shrink", num_models=2)
+    s = Store(root)
+    original = s.load_model(ORIGINAL)["state_dict"]
+    for spec in (f"{plugin_file}:shrink", "my_methods:shrink"):
+        assert len(s.done_seeds(UNLEARNED, spec)) == 2
+        state = s.load_model(UNLEARNED, 1_000_000, spec)["state_dict"]
+        for key, value in original.items():
+            np.testing.assert_allclose(state[key].numpy(), 0.9 * value.numpy(), rtol=1e-6)
+    assert set(s.stored_methods()) >= {f"{plugin_file}:shrink", "my_methods:shrink"}
+
+
+def test_a_plugin_that_raises_is_reported_with_method_and_seed(trained_store, tmp_path,
+                                                               plugin_file):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(trained_store, root)
+    result = CliRunner().invoke(app, ["apply", "--method", f"{plugin_file}:broken", "--store",
+                                      str(root), "--num-models", "2", "--workers", "1"])
+    assert result.exit_code == 1
+    assert "failed at seed 1000000: RuntimeError: kaboom" in result.output
+    assert Store(root).done_seeds(UNLEARNED, f"{plugin_file}:broken") == []
+
+
+def test_apply_with_two_worker_processes(trained_store, tmp_path):
+    import shutil
+
+    root = tmp_path / "w"
+    shutil.copytree(trained_store, root)
+    cfg = load_config(None, [s for s in FAST if not s.startswith("launch")] +
+                      ["launch.workers=2", "launch.chunk_size=2"])
+    res = apply.run(cfg, root, method_spec="reset-head", num_models=4)
+    assert len(res.trained) == 4 and all(o.ok for o in res.outcomes)
+    # Same seeds in one process give the same models: runs are deterministic.
+    inline = apply.run(load_config(None, FAST), tmp_path / "w", method_spec="reset-head",
+                       num_models=4)
+    assert inline.trained == []
