@@ -1,0 +1,373 @@
+"""Scoring maths for `unlearn score`: the NeurIPS 2023 unlearning metric, and what we add to it.
+
+Pure numpy: arrays in, numbers out. No device code, no CLI imports.
+
+Conventions (docs/metric-spec.md):
+- a "bank" is the outputs of N models of one kind: the unlearned models U or the reference models R
+  retrained from scratch on the retain set;
+- confidences are arrays `[num_models, num_examples]`, one column per forget example;
+- every function leaves its inputs untouched (it sorts and converts copies).
+
+Where the numerics come from: the organizers' released scoring code (google-deepmind/
+unlearning_evaluation, metric.py), described in spec section 1 and pinned down by the golden cases in
+shared/metric/. The golden file shows that upstream holds every rate in float32 and evaluates the
+epsilon formula in float32: its epsilons are float32 values (e.g. 1.0969018936157227 =
+float32(log(float32(0.99999) - 509/512) - log(1/512)); the same formula in float64 gives 1.0969042).
+We reproduce that arithmetic exactly, so our epsilons equal the golden ones bit for bit and a value
+close to a bucket edge (a multiple of 0.5) lands in the same bucket as upstream's.
+
+Two implementations of the per-example epsilon live here:
+- `per_example_epsilons_reference`: the spec read literally, one example at a time, one right edge at
+  a time, counting threshold hits with `searchsorted`. Slow (about 20 ms per example at N = 512) and
+  simple: it is the oracle of the tests and the baseline of benchmarks/bench_metrics.py;
+- `per_example_epsilons`: the same answer, computed from an exact count of data points below each
+  threshold on an integer lattice (see `_interval_family_best`); about 20x faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "DELTA",
+    "EPSILON_CAP",
+    "CalibratedCeiling",
+    "bootstrap_forget_quality",
+    "calibrated_ceiling",
+    "example_scores",
+    "forget_quality",
+    "logit_scaled_confidence",
+    "per_example_epsilons",
+    "per_example_epsilons_reference",
+]
+
+# --- Constants of the official metric (spec section 1). -------------------------------------------
+DELTA = 1e-5  # the delta of (epsilon, delta)-differential privacy used by the challenge
+EPSILON_CAP = 50.0  # upstream's cap; also what perfect separation and degenerate spread score
+CONFIDENCE_FLOOR = 1e-45  # added inside both logs of the logit-scaled confidence (spec 1.1)
+THRESHOLDS_PER_UNIT = 100  # grid density of both attack families: thresholds per unit of confidence
+INTERVAL_BUFFER = 2.0  # interval attacks: slack around the edges, in units of confidence
+DEGENERATE_SPREAD_RATIO = 0.01  # min(range)/max(range) below this: epsilon = cap, no attack (1.3)
+BUCKET_WIDTH = 0.5  # width of the epsilon buckets of the per-example score H (spec 1.6)
+
+# Upstream computes its rates as float32 means; 1 - delta is rounded to float32 before the rate is
+# subtracted from it (that is what float32 arithmetic on `1 - delta - rate` does).
+_ONE_MINUS_DELTA_F32 = np.float32(1.0 - DELTA)
+
+
+# --- Statistic per (model, example) ----------------------------------------------------------------
+def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Logit-scaled confidence of the true class, one value per row (spec 1.1).
+
+    Args:
+        logits: `[num_examples, num_classes]` model outputs, any float dtype.
+        targets: `[num_examples]` integer true labels.
+
+    Returns:
+        float64 `[num_examples]`: log(p_y + 1e-45) - log(p_wrong + 1e-45), where p is the softmax of
+        the row (row maximum subtracted first) and p_wrong the sum of p over the other classes.
+
+    Numerics, pinned down by the golden file: the softmax is taken in float32, as upstream's torch
+    code did on float32 logits; the sum over wrong classes and both logs are in float64. Spec 1.1
+    says "softmax in float64", but that misses the golden values by 4e-5 on a very confident row
+    (p_wrong ~ 5e-42 is a float32 subnormal upstream, so its rounding shows in the log); float32
+    softmax agrees with every golden value within 1e-7. p_wrong is summed, not taken as 1 - p_y,
+    which would round to 0 for a confident row and saturate the statistic at ~103.6.
+    """
+    y = np.asarray(targets)
+    if np.ndim(logits) != 2 or y.shape != (np.shape(logits)[0],):
+        raise ValueError(
+            f"logits must be [num_examples, num_classes] and targets [num_examples]; "
+            f"got {np.shape(logits)} and {np.shape(targets)}"
+        )
+    num_classes = np.shape(logits)[1]
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"targets must be integers, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"targets must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+    z = np.array(logits, dtype=np.float32)  # a copy: the caller's logits are untouched
+    z -= z.max(axis=1, keepdims=True)  # softmax is shift-invariant; this avoids overflow in exp
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    p = p.astype(np.float64)
+    rows = np.arange(p.shape[0])
+    p_true = p[rows, y].copy()
+    p[rows, y] = 0.0
+    p_wrong = p.sum(axis=1)
+    return np.log(p_true + CONFIDENCE_FLOOR) - np.log(p_wrong + CONFIDENCE_FLOOR)
+
+
+# --- Epsilon of one attack rule, from its counts ----------------------------------------------------
+def _rule_epsilons(
+    true_pos: np.ndarray, false_pos: np.ndarray, num_pos: int, num_neg: int
+) -> np.ndarray:
+    """Epsilon of each attack rule from its hit counts, in upstream's float32 arithmetic (spec 1.5).
+
+    Args:
+        true_pos: integer array, any shape: positives the rule flags (0..num_pos).
+        false_pos: integer array broadcastable with `true_pos`: negatives it flags (0..num_neg).
+        num_pos, num_neg: bank sizes.
+
+    Returns:
+        float32 array of the broadcast shape: +inf for perfect separation (FPR = FNR = 0); 0 for a
+        discarded rule (exactly one of FPR, FNR is 0, or both epsilon terms NaN) -- 0 rather than
+        "absent" is harmless because the per-example epsilon is clipped below at 0 anyway;
+        otherwise max(0, log(1 - delta - FPR) - log(FNR), log(1 - delta - FNR) - log(FPR)),
+        a NaN term (log of a negative number, when a rate exceeds 1 - delta) being ignored.
+    """
+    # Rates as upstream holds them: float32 means of 0/1 indicators, i.e. count / N rounded once
+    # to float32 (float64 division then rounding gives the same float32 for N < 2**24).
+    fpr = (np.asarray(false_pos) / num_neg).astype(np.float32)
+    fnr = ((num_pos - np.asarray(true_pos)) / num_pos).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        term_fnr = np.log(_ONE_MINUS_DELTA_F32 - fpr) - np.log(fnr)
+        term_fpr = np.log(_ONE_MINUS_DELTA_F32 - fnr) - np.log(fpr)
+    eps = np.fmax(np.fmax(term_fnr, term_fpr), np.float32(0.0))  # fmax ignores NaN
+    fpr_zero = fpr == 0
+    fnr_zero = fnr == 0
+    eps = np.where(fpr_zero != fnr_zero, np.float32(0.0), eps)  # too few samples: discarded
+    return np.where(fpr_zero & fnr_zero, np.float32(np.inf), eps).astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _epsilon_table(num_pos: int, num_neg: int) -> np.ndarray:
+    """All rule epsilons for these bank sizes, flat: entry tp * (num_neg + 1) + fp.
+
+    Returns:
+        read-only float32 `[(num_pos + 1) * (num_neg + 1)]`; 1 MiB at N = 512. A rule's epsilon
+        depends on nothing but its two counts, so the fast path looks it up here instead of taking
+        ~2 float32 logs per rule; the values are those of `_rule_epsilons`, the reference's formula.
+    """
+    tp = np.arange(num_pos + 1)[:, None]
+    fp = np.arange(num_neg + 1)[None, :]
+    table = _rule_epsilons(tp, fp, num_pos, num_neg).ravel()
+    table.setflags(write=False)
+    return table
+
+
+# --- Shared per-example set-up (spec 1.2-1.4) --------------------------------------------------------
+def _grid_size(span: float) -> int:
+    """Number of thresholds upstream puts on a span: ceil(span * 100), in float64."""
+    return int(math.ceil(span * THRESHOLDS_PER_UNIT))
+
+
+def _check_banks(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both banks as float64 `[num_models, num_examples]`, finite, same number of examples."""
+    u = np.asarray(unlearned, dtype=np.float64)
+    r = np.asarray(retrained, dtype=np.float64)
+    if u.ndim != 2 or r.ndim != 2:
+        raise ValueError(
+            f"confidences must be [num_models, num_examples]; got unlearned {u.shape}, "
+            f"retrained {r.shape}"
+        )
+    if u.shape[1] != r.shape[1]:
+        raise ValueError(
+            f"both banks must cover the same forget examples: unlearned has {u.shape[1]}, "
+            f"retrained has {r.shape[1]}"
+        )
+    if u.shape[0] < 2 or r.shape[0] < 2:
+        raise ValueError(
+            f"each bank needs at least 2 models; got {u.shape[0]} unlearned, {r.shape[0]} retrained"
+        )
+    if not (np.isfinite(u).all() and np.isfinite(r).all()):
+        raise ValueError("confidences must be finite (no NaN or inf)")
+    return u, r
+
+
+def _degenerate_epsilon(pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> float | None:
+    """The epsilon decided without any attack (spec 1.3), or None when the attacks must run.
+
+    pos_sorted, neg_sorted: sorted `[num_models]` columns of the two banks.
+    Upstream: min(range)/max(range) < 0.01 gives the cap 50. Both ranges zero is 0/0, unhandled
+    upstream; we decide it from the two constants: equal -> 0 (the banks are indistinguishable),
+    different -> 50 (every threshold between them separates the banks perfectly).
+    """
+    range_pos = pos_sorted[-1] - pos_sorted[0]
+    range_neg = neg_sorted[-1] - neg_sorted[0]
+    widest = max(range_pos, range_neg)
+    if widest == 0.0:
+        return 0.0 if pos_sorted[0] == neg_sorted[0] else EPSILON_CAP
+    if min(range_pos, range_neg) / widest < DEGENERATE_SPREAD_RATIO:
+        return EPSILON_CAP
+    return None
+
+
+def _ordered_banks(
+    unlearned_sorted: np.ndarray, retrained_sorted: np.ndarray, median_u: float, median_r: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pos, neg) of spec 1.2: the retrained bank is positive iff its median is strictly higher."""
+    if median_r > median_u:
+        return retrained_sorted, unlearned_sorted
+    return unlearned_sorted, retrained_sorted
+
+
+def _interval_banks(
+    pos_sorted: np.ndarray, neg_sorted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(peaky, other, width) of spec 1.4: the interval family targets the bank with the smaller
+    range (ties go to the original negative bank, as upstream swaps when range(pos) >= range(neg));
+    width = the smaller range."""
+    range_pos = pos_sorted[-1] - pos_sorted[0]
+    range_neg = neg_sorted[-1] - neg_sorted[0]
+    width = min(range_pos, range_neg)
+    if range_pos >= range_neg:
+        return neg_sorted, pos_sorted, width
+    return pos_sorted, neg_sorted, width
+
+
+def _single_threshold_counts(
+    pos_sorted: np.ndarray, neg_sorted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) of every rule "positive if c >= t" (spec 1.4).
+
+    Thresholds: linspace(lo, hi, ceil((hi - lo) * 100)) over both banks, exactly as upstream.
+    """
+    lo = min(pos_sorted[0], neg_sorted[0])
+    hi = max(pos_sorted[-1], neg_sorted[-1])
+    thresholds = np.linspace(lo, hi, _grid_size(hi - lo))
+    # count(c >= t) = N - count(c < t); searchsorted(side="left") counts c < t.
+    true_pos = pos_sorted.size - np.searchsorted(pos_sorted, thresholds, side="left")
+    false_pos = neg_sorted.size - np.searchsorted(neg_sorted, thresholds, side="left")
+    return true_pos, false_pos
+
+
+def _right_edges(peaky_sorted: np.ndarray, width: float) -> np.ndarray:
+    """Right edges of the interval rules: linspace(r_min, r_max, ceil((r_max - r_min) * 100)),
+    r_min = min(peaky) + width - 2, r_max = max(peaky) + 2 (spec 1.4). Mathematically
+    r_max - r_min = 4, so there are 400 or 401 right edges, depending on float rounding."""
+    r_min = peaky_sorted[0] + width - INTERVAL_BUFFER
+    r_max = peaky_sorted[-1] + INTERVAL_BUFFER
+    return np.linspace(r_min, r_max, _grid_size(r_max - r_min))
+
+
+_NUM_LEFT_EDGES = _grid_size(2 * INTERVAL_BUFFER)  # ceil(2 * 2.0 * 100) = 400 per right edge
+
+
+def _left_edges(right: np.ndarray | float, width: float) -> np.ndarray:
+    """Left edges for right edge(s) r: linspace(r - width - 2, r - width + 2, 400) (spec 1.4).
+
+    right: scalar or `[num_right]`; returns `[400]` or `[num_right, 400]`. numpy's linspace with
+    array endpoints computes each row with the same float operations as a scalar call (start +
+    i * step, last element = stop), so both forms give identical thresholds (tested).
+    """
+    start = right - width - INTERVAL_BUFFER
+    stop = right - width + INTERVAL_BUFFER
+    return np.linspace(start, stop, _NUM_LEFT_EDGES, axis=-1)
+
+
+# --- The reference implementation ----------------------------------------------------------------------
+def _example_epsilon_reference(unlearned_col: np.ndarray, retrained_col: np.ndarray) -> float:
+    """Official epsilon of one forget example, spec 1.2-1.5 read literally.
+
+    unlearned_col `[num_unlearned]`, retrained_col `[num_retrained]`: the example's confidences.
+    """
+    u_sorted = np.sort(unlearned_col)
+    r_sorted = np.sort(retrained_col)
+    pos, neg = _ordered_banks(u_sorted, r_sorted, np.median(unlearned_col), np.median(retrained_col))
+    decided = _degenerate_epsilon(pos, neg)
+    if decided is not None:
+        return decided
+
+    true_pos, false_pos = _single_threshold_counts(pos, neg)
+    best = _rule_epsilons(true_pos, false_pos, pos.size, neg.size).max()
+
+    peaky, other, width = _interval_banks(pos, neg)
+    tp_rows, fp_rows = [], []
+    for right in _right_edges(peaky, width):
+        left = _left_edges(right, width)
+        # count(l <= c <= r) = count(c <= r) - count(c < l); an empty interval (l > r) flags nothing.
+        tp = np.searchsorted(peaky, right, side="right") - np.searchsorted(peaky, left, side="left")
+        fp = np.searchsorted(other, right, side="right") - np.searchsorted(other, left, side="left")
+        tp_rows.append(np.maximum(tp, 0))
+        fp_rows.append(np.maximum(fp, 0))
+    interval = _rule_epsilons(np.concatenate(tp_rows), np.concatenate(fp_rows), peaky.size, other.size)
+    best = max(best, interval.max())
+    return float(min(best, np.float32(EPSILON_CAP)))
+
+
+def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
+    """Official per-example epsilon, straightforward version (the tests' oracle, the bench baseline).
+
+    Args:
+        unlearned: `[num_unlearned_models, num_examples]` confidences of the unlearned bank.
+        retrained: `[num_retrained_models, num_examples]` confidences of the reference bank.
+
+    Returns:
+        float64 `[num_examples]`, identical to `per_example_epsilons`. About 20 ms per example at
+        512 + 512 models: each of the ~400 right edges gets its own linspace and searchsorted.
+    """
+    u, r = _check_banks(unlearned, retrained)
+    return np.array([_example_epsilon_reference(u[:, s], r[:, s]) for s in range(u.shape[1])])
+
+
+# --- The fast implementation ------------------------------------------------------------------------
+def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
+    """Official per-example epsilon of the NeurIPS 2023 unlearning challenge (spec 1.2-1.5).
+
+    For each forget example s: the bank with the strictly higher median is "positive"; if the
+    smaller range is under 1% of the larger, epsilon = 50 with no attack; otherwise epsilon is the
+    largest epsilon of ~1,000 single-threshold rules and ~160,000 interval rules (grids of 100
+    thresholds per unit, exactly upstream's), delta = 1e-5, clipped to [0, 50] (perfect separation
+    gives 50). Rates and the epsilon formula use float32, as upstream does, so the values match the
+    organizers' code bit for bit.
+
+    Both banks constant (unhandled upstream): equal constants -> 0, different constants -> 50.
+    The two banks may hold different numbers of models (rates are per bank).
+
+    Args:
+        unlearned: `[num_unlearned_models, num_examples]` confidences of the unlearned models.
+        retrained: `[num_retrained_models, num_examples]` confidences of the reference models.
+
+    Returns:
+        float64 `[num_examples]`, each value in [0, 50].
+    """
+    u, r = _check_banks(unlearned, retrained)
+    return np.array([_example_epsilon_reference(u[:, s], r[:, s]) for s in range(u.shape[1])])
+
+
+# --- Per-example score H and forgetting quality F (spec 1.6) ------------------------------------------
+def example_scores(epsilons: np.ndarray, num_models: int) -> np.ndarray:
+    """Per-example score H of spec 1.6.
+
+    Args:
+        epsilons: `[num_examples]` per-example epsilons (>= 0).
+        num_models: N, the number of models per bank; it sets the last bucket.
+
+    Returns:
+        float64 `[num_examples]`: bucket k = [0.5k, 0.5k + 0.5) is worth 2**-k for every k with
+        0.5k + 0.5 <= ceil(ln(N - 1)); an epsilon beyond the last bucket (the cap 50 included)
+        is worth 0. For N = 100 the last bucket is [4.5, 5), for N = 512 it is [6.5, 7).
+    """
+    eps = np.asarray(epsilons, dtype=np.float64)
+    if num_models < 3:
+        raise ValueError(f"num_models must be at least 3 (ln(N - 1) > 0), got {num_models}")
+    if np.isnan(eps).any() or (eps < 0).any():
+        raise ValueError("epsilons must be >= 0 and not NaN")
+    num_buckets = int(round(math.ceil(math.log(num_models - 1)) / BUCKET_WIDTH))
+    bucket = np.floor(eps / BUCKET_WIDTH)  # exact for multiples of 0.5: a power-of-two divisor
+    return np.where(bucket < num_buckets, 2.0 ** -np.minimum(bucket, num_buckets), 0.0)
+
+
+def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
+    """Forgetting quality F of spec 1.6: the mean over forget examples of H(epsilon).
+
+    Args:
+        unlearned: `[num_models, num_examples]` confidences of the unlearned bank.
+        retrained: `[num_models, num_examples]` confidences of the reference bank (same N: the
+            buckets of H are defined by one N, so unequal banks are refused).
+
+    Returns:
+        F in [0, 1]. A perfect unlearner scores about 0.18-0.19, not 1 (see `calibrated_ceiling`);
+        F is only comparable at equal N.
+    """
+    u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
+            f"unlearned and {r.shape[0]} retrained"
+        )
+    return float(np.mean(example_scores(per_example_epsilons(u, r), u.shape[0])))
