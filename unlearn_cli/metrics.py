@@ -305,6 +305,135 @@ def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray)
 
 
 # --- The fast implementation ------------------------------------------------------------------------
+# Why it is fast. The ~160,000 interval rules of one example are [L(j, i), R_j] with
+#   R_j    = r_min + j * D / (M - 1),            j < M (M = 400 or 401 right edges, D = 4),
+#   L(j,i) = R_j - width - 2 + i * 4 / 399,      i < 400 left edges per right edge,
+# so in exact arithmetic every left edge sits on one integer lattice:
+#   L(j, i) = base + (row_step * j + col_step * i) * unit,  base = r_min - width - 2,
+# with row_step = 399 / g, col_step = (M - 1) / g, unit = 4 g / (399 (M - 1)), g = gcd(399, M - 1):
+# for M = 400 that is base + (i + j) * 4/399 (799 lattice points), for M = 401 it is
+# base + (399 j + 400 i) * 4/159600 (319,201 points). How many data points lie below a left edge is
+# then a step function of the lattice index m, built once per example from the data (np.repeat of a
+# cumulative count, no search per rule), and the rule grid [M, 400] is a strided view of it. A rule's
+# epsilon depends only on its two counts, so it is a lookup in a precomputed float32 table.
+# The float thresholds differ from the ideal lattice by rounding (~1e-15 relative); a data point that
+# lies within 1e-12 (relative) of a lattice point could fall on either side of the float threshold,
+# so the rules on that lattice point are masked out and recomputed exactly from the float thresholds
+# with searchsorted, as the reference does. Continuous data almost never trigger this; data on a
+# 0.1 grid do (e.g. a left edge lands on min(peaky) when i + j = 399).
+_LATTICE_RELATIVE_TOLERANCE = 1e-12  # >= 400x the worst rounding gap between a threshold and the lattice
+_LATTICE_MAX_SCALE = 1e4  # beyond this magnitude of confidences, use the exact searchsorted path
+_MASKED = np.int64(1) << 40  # a lattice count no rule can reach: masked rules get index <= 0 -> 0
+
+
+def _interval_rules_best_exact(
+    peaky: np.ndarray,
+    other: np.ndarray,
+    width: float,
+    right: np.ndarray,
+    right_counts: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+) -> np.float32:
+    """Largest epsilon among chosen interval rules, from their float thresholds (as the reference).
+
+    peaky `[n_peaky]`, other `[n_other]`: sorted banks; right `[M]` the right edges and
+    right_counts `[M]` = count(peaky <= R_j) * (n_other + 1) + count(other <= R_j);
+    rows, cols `[K]`: the rules (j, i) to evaluate.
+    """
+    if rows.size == 0:
+        return np.float32(0.0)
+    needed, where = np.unique(rows, return_inverse=True)
+    left = _left_edges(right[needed], width)[where, cols]  # the very floats the reference uses
+    below = np.searchsorted(peaky, left, side="left") * (other.size + 1)
+    below += np.searchsorted(other, left, side="left")
+    index = np.maximum(right_counts[rows] - below, 0)  # (l > r: empty interval, index <= 0) -> 0
+    return _epsilon_table(peaky.size, other.size)[index].max()
+
+
+def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) -> np.float32:
+    """Largest epsilon of the interval family for one example (spec 1.4-1.5).
+
+    peaky `[n_peaky]`: the sorted bank with the smaller range (flagged positive inside [l, r]);
+    other `[n_other]`: the other bank, sorted; width: range of peaky. Returns float32, may be inf.
+    """
+    n_other = other.size
+    stride = n_other + 1  # rule (tp, fp) <-> flat index tp * stride + fp in the epsilon table
+    table = _epsilon_table(peaky.size, n_other)
+    right = _right_edges(peaky, width)
+    num_right = right.size
+    # Flat count index of [-inf, R_j]; a rule's index is this minus that of [-inf, L(j, i)).
+    right_counts = np.searchsorted(peaky, right, side="right") * stride
+    right_counts += np.searchsorted(other, right, side="right")
+
+    scale = max(abs(peaky[0]), abs(peaky[-1]), abs(other[0]), abs(other[-1])) + 2 * INTERVAL_BUFFER
+    if num_right not in (400, 401) or scale > _LATTICE_MAX_SCALE:
+        # Not the lattice this code is written for (cannot happen for confidences, which lie in
+        # [-104, 104]): evaluate every rule from its float thresholds.
+        rows, cols = np.divmod(np.arange(num_right * _NUM_LEFT_EDGES), _NUM_LEFT_EDGES)
+        return _interval_rules_best_exact(peaky, other, width, right, right_counts, rows, cols)
+
+    g = math.gcd(_NUM_LEFT_EDGES - 1, num_right - 1)
+    row_step = (_NUM_LEFT_EDGES - 1) // g
+    col_step = (num_right - 1) // g
+    unit = 2 * INTERVAL_BUFFER * g / ((_NUM_LEFT_EDGES - 1) * (num_right - 1))
+    last = row_step * (num_right - 1) + col_step * (_NUM_LEFT_EDGES - 1)  # largest lattice index
+    base = right[0] - width - INTERVAL_BUFFER  # the float L(0, 0); the lattice's index 0
+
+    # Lattice position of every data point; x < L(m) exactly when m >= first_above(x).
+    data = np.concatenate([peaky, other])
+    position = (data - base) / unit
+    nearest = np.rint(position)
+    on_lattice = np.abs(position - nearest) < _LATTICE_RELATIVE_TOLERANCE * scale / unit
+    first_above = np.where(on_lattice, nearest, np.floor(position)) + 1
+    np.clip(first_above, 0, last + 1, out=first_above)
+    # weight of a data point in the flat index: a peaky point counts stride, an other point 1
+    weight = np.ones(data.size, dtype=np.int64)
+    weight[: peaky.size] = stride
+    order = np.argsort(first_above, kind="stable")
+    steps = first_above[order].astype(np.int64)
+    cumulative = np.zeros(data.size + 1, dtype=np.int64)
+    np.cumsum(weight[order], out=cumulative[1:])
+    run_lengths = np.diff(steps, prepend=0, append=last + 1)
+    below = np.repeat(cumulative, run_lengths)  # [last + 1]: flat count of data < L(m)
+
+    masked = np.unique(nearest[on_lattice & (nearest >= 0) & (nearest <= last)]).astype(np.int64)
+    below[masked] = _MASKED
+    item = below.itemsize
+    rule_below = np.lib.stride_tricks.as_strided(
+        below, shape=(num_right, _NUM_LEFT_EDGES), strides=(row_step * item, col_step * item)
+    )
+    index = right_counts[:, None] - rule_below
+    np.maximum(index, 0, out=index)  # empty intervals and masked rules -> entry 0, epsilon 0
+    best = table.take(index).max()
+
+    if masked.size:
+        # The rules on a lattice point where a data point sits: recompute them exactly.
+        j = np.arange(num_right)
+        offset = masked[:, None] - row_step * j[None, :]
+        hit = (offset >= 0) & (offset % col_step == 0) & (offset // col_step < _NUM_LEFT_EDGES)
+        which, rows = np.nonzero(hit)
+        cols = offset[which, rows] // col_step
+        exact = _interval_rules_best_exact(peaky, other, width, right, right_counts, rows, cols)
+        best = max(best, exact)
+    return best
+
+
+def _example_epsilon_fast(
+    u_sorted: np.ndarray, r_sorted: np.ndarray, median_u: float, median_r: float
+) -> float:
+    """Official epsilon of one example from its sorted banks `[num_unlearned]`, `[num_retrained]`
+    and their medians; equal to `_example_epsilon_reference`."""
+    pos, neg = _ordered_banks(u_sorted, r_sorted, median_u, median_r)
+    decided = _degenerate_epsilon(pos, neg)
+    if decided is not None:
+        return decided
+    true_pos, false_pos = _single_threshold_counts(pos, neg)
+    best = _epsilon_table(pos.size, neg.size)[true_pos * (neg.size + 1) + false_pos].max()
+    best = max(best, _interval_family_best(*_interval_banks(pos, neg)))
+    return float(min(best, np.float32(EPSILON_CAP)))
+
+
 def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
     """Official per-example epsilon of the NeurIPS 2023 unlearning challenge (spec 1.2-1.5).
 
@@ -313,7 +442,8 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
     largest epsilon of ~1,000 single-threshold rules and ~160,000 interval rules (grids of 100
     thresholds per unit, exactly upstream's), delta = 1e-5, clipped to [0, 50] (perfect separation
     gives 50). Rates and the epsilon formula use float32, as upstream does, so the values match the
-    organizers' code bit for bit.
+    organizers' code bit for bit. Same values as `per_example_epsilons_reference`, about 20x faster
+    (see the comment above `_interval_rules_best_exact`).
 
     Both banks constant (unhandled upstream): equal constants -> 0, different constants -> 50.
     The two banks may hold different numbers of models (rates are per bank).
@@ -326,7 +456,17 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
         float64 `[num_examples]`, each value in [0, 50].
     """
     u, r = _check_banks(unlearned, retrained)
-    return np.array([_example_epsilon_reference(u[:, s], r[:, s]) for s in range(u.shape[1])])
+    # One sort per bank for all examples; rows of the transposes are the examples' sorted columns.
+    u_sorted = np.ascontiguousarray(np.sort(u, axis=0).T)
+    r_sorted = np.ascontiguousarray(np.sort(r, axis=0).T)
+    median_u = np.median(u, axis=0)
+    median_r = np.median(r, axis=0)
+    return np.array(
+        [
+            _example_epsilon_fast(u_sorted[s], r_sorted[s], median_u[s], median_r[s])
+            for s in range(u.shape[1])
+        ]
+    )
 
 
 # --- Per-example score H and forgetting quality F (spec 1.6) ------------------------------------------

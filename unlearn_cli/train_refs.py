@@ -127,13 +127,11 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     """Train the models of one job and store each; runs in a worker process."""
     from .context import Stopwatch, context, provenance, save_trained
     from .models import init_model
-    from .training import fit, fit_ensemble
+    from .training import fit, fit_ensemble, recipe
 
     ctx = context(payload, device)
     kind = payload["kind"]
-    t = ctx.cfg.train
-    recipe = dict(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                  weight_decay=t.weight_decay)
+    options = recipe(ctx.cfg.train)
     x, y = ctx.subset("train" if kind == ORIGINAL else "retain")
     seeds = [s for s in payload["seeds"] if kind == ORIGINAL or not ctx.store.is_done(kind, s)]
     progress(len(payload["seeds"]) - len(seeds))  # done meanwhile by another run: count them
@@ -146,7 +144,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     first, rest = seeds[0], seeds[1:]
     model = init_model(ctx.spec, seed_of(first)).to(ctx.device)
     with Stopwatch(ctx.device) as watch:
-        fit(model, x, y, seed=seed_of(first), **recipe)
+        fit(model, x, y, seed=seed_of(first), **options)
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=watch.seconds, timing="sequential",
                       engine="loop")
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
@@ -156,7 +154,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     if payload["engine"] == "ensemble":
         models = [init_model(ctx.spec, s).to(ctx.device) for s in rest]
         with Stopwatch(ctx.device) as watch:
-            fit_ensemble(models, x, y, seeds=rest, **recipe)
+            fit_ensemble(models, x, y, seeds=rest, **options)
         share = watch.seconds / len(rest)
         for seed, model in zip(rest, models):
             meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
@@ -167,7 +165,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     for seed in rest:
         model = init_model(ctx.spec, seed).to(ctx.device)
         with Stopwatch(ctx.device) as watch:
-            fit(model, x, y, seed=seed, **recipe)
+            fit(model, x, y, seed=seed, **options)
         meta = provenance(ctx, kind, seed, wall_seconds=watch.seconds, timing="sequential",
                           engine="loop")
         save_trained(ctx, kind, seed, model, meta)

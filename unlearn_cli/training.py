@@ -13,13 +13,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import TrainConfig
+
 EVAL_BATCH = 4096  # examples per forward pass when computing per-sample outputs
+
+
+def recipe(train: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of `fit` / `fit_ensemble` for the config's `train` section."""
+    return {
+        "epochs": train.epochs,
+        "batch_size": train.batch_size,
+        "lr": train.lr,
+        "momentum": train.momentum,
+        "weight_decay": train.weight_decay,
+    }
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
