@@ -165,3 +165,13 @@ def test_score_writes_the_report(store_copy, tmp_path):
     report = json.loads(out_path.read_text())
     assert report["schema"] == "unlearn.report/1" and report["method"] == "none"
     assert report["forget_quality"] == 0.0
+
+
+def test_dry_run_prints_accuracies_and_stores_nothing(store_copy):
+    before = tree_digest(store_copy)
+    result, out = invoke("apply", "--method", "finetune", "--dry-run", "--store", store_copy)
+    assert result.exit_code == 0, out
+    assert "original" in out and "unlearned" in out and "forget acc" in out
+    assert re.search(r"unlearned\s*│\s*\d+\.\d%", out)
+    assert "nothing was stored" in out
+    assert tree_digest(store_copy) == before

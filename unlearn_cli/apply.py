@@ -38,12 +38,12 @@ def check_ready(store: Store) -> list[int]:
     """The stored reference seeds; raise if the store cannot be unlearned from yet."""
     store.read_experiment()
     refs = store.done_seeds(REFERENCE)
-    if not store.is_done(ORIGINAL) or not refs:
+    missing = [what for what, absent in (("the original model", not store.is_done(ORIGINAL)),
+                                         ("reference models", not refs)) if absent]
+    if missing:
         raise StoreError(
-            f"store {store.root} has no {'original model' if not store.is_done(ORIGINAL) else ''}"
-            f"{' or ' if not store.is_done(ORIGINAL) and not refs else ''}"
-            f"{'reference models' if not refs else ''}; run `unlearn train-refs --store "
-            f"{store.root}` first"
+            f"store {store.root} has no {' and no '.join(missing)}; run `unlearn train-refs "
+            f"--store {store.root}` first"
         )
     return refs
 
@@ -108,47 +108,102 @@ def run(
 # ------------------------------------------------------------------ worker side
 
 
-def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Run the method once per seed of the job and store each result; runs in a worker."""
+def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data: Any,
+              seed: int) -> tuple[Any, float]:
+    """Run the method once from a fresh copy of the original model; (model, method seconds)."""
     import torch
     from torch import nn
 
-    from .context import Stopwatch, context, provenance, save_trained
-    from .methods.api import UnlearnData
+    from .context import Stopwatch
     from .models import build_model
+
+    spec = method.spec
+    model = build_model(original["model"])
+    model.load_state_dict(original["state_dict"])
+    model.to(ctx.device).eval()
+    torch.manual_seed(seed)
+    try:
+        with Stopwatch(ctx.device) as watch:
+            result = method.fn(model, data, params, device=ctx.device, seed=seed)
+    except UnlearnError:
+        raise
+    except Exception as exc:
+        raise MethodError(
+            f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(result, nn.Module):
+        raise MethodError(
+            f"method {spec!r} returned {type(result).__name__} at seed {seed}; "
+            "it must return the unlearned torch.nn.Module"
+        )
+    return result.eval(), watch.seconds
+
+
+def _method_data(ctx: Any) -> Any:
+    from .methods.api import UnlearnData
+
+    forget_x, forget_y = ctx.subset("forget")
+    retain_x, retain_y = ctx.subset("retain")
+    return UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes)
+
+
+def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
+    """Run the method once per seed of the job and store each result; runs in a worker."""
+    from .context import context, provenance, save_trained
 
     ctx = context(payload, device)
     spec = payload["method"]
     method = resolve(spec)
     params = method_params(method, ctx.cfg)
     original = ctx.store.load_model(ORIGINAL)
-    forget_x, forget_y = ctx.subset("forget")
-    retain_x, retain_y = ctx.subset("retain")
-    data = UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes)
+    data = _method_data(ctx)
     for seed in payload["seeds"]:
         if ctx.store.is_done(UNLEARNED, seed, spec):
             progress(1)
             continue
-        model = build_model(original["model"])
-        model.load_state_dict(original["state_dict"])
-        model.to(ctx.device).eval()
-        torch.manual_seed(seed)
-        try:
-            with Stopwatch(ctx.device) as watch:
-                result = method.fn(model, data, params, device=ctx.device, seed=seed)
-        except UnlearnError:
-            raise
-        except Exception as exc:
-            raise MethodError(
-                f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(result, nn.Module):
-            raise MethodError(
-                f"method {spec!r} returned {type(result).__name__} at seed {seed}; "
-                "it must return the unlearned torch.nn.Module"
-            )
-        result.eval()
-        meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=watch.seconds,
+        model, seconds = _run_once(ctx, method, params, original, data, seed)
+        meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                           timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
-        save_trained(ctx, UNLEARNED, seed, result, meta, method=spec)
+        save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
         progress(1)
+
+
+def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[str, Any]:
+    """Run the method once from the original, in this process, and store nothing.
+
+    Returns the accuracies on forget/retain/test and the wall time, next to the original's.
+    """
+    import numpy as np
+
+    from .context import context
+    from .training import per_sample_outputs
+
+    method = resolve(method_spec)
+    check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
+    params = method_params(method, cfg)
+    store = Store(store_root)
+    check_ready(store)
+    store.check_compatible(cfg)
+    original = store.load_model(ORIGINAL)
+    launch = cfg.launch
+    slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]
+    ctx = context({"store": str(store.root), "config": cfg.to_dict()}, slot.local_device())
+    model, seconds = _run_once(ctx, method, params, original, _method_data(ctx), unlearn_seed(0))
+    split = ctx.split
+
+    def accuracies(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        return {
+            "forget": float((outputs["forget_logits"].argmax(1) == split["forget_labels"]).mean()),
+            "retain": float(outputs["retain_correct"].mean()),
+            "test": float((outputs["test_logits"].argmax(1) == split["test_labels"]).mean()),
+        }
+
+    stored, meta = store.load_outputs(ORIGINAL)
+    return {
+        "method": method_spec,
+        "seed": unlearn_seed(0),
+        "device": str(ctx.device),
+        "original": {**accuracies(stored), "seconds": float(meta.get("wall_seconds", np.nan))},
+        "unlearned": {**accuracies(per_sample_outputs(model, ctx.x, ctx.y, split)),
+                      "seconds": seconds},
+    }

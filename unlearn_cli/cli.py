@@ -184,6 +184,7 @@ def train_refs_cmd(
     epilog="Examples:\n\n"
     "  unlearn apply --method finetune\n\n"
     "  unlearn apply --method reset-head --num-models 50 --set method.reset-head.epochs=3\n\n"
+    "  unlearn apply --method finetune --dry-run\n\n"
     "  unlearn apply --method my_methods.py:forget_it --store runs/digits",
 )
 @_boundary
@@ -200,12 +201,21 @@ def apply_cmd(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Run the method once, print accuracies and time next to the "
+        "original's, store nothing.")] = False,
 ) -> None:
     """Run an unlearning method N times from the original checkpoint, each with its own seed."""
     from . import apply
 
     launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
     cfg, store_path = _resolve(config, set_, store, launch)
+    if dry_run:
+        from .report import dry_run_table
+
+        console.print(dry_run_table(apply.dry_run(cfg, store_path, method_spec=method)))
+        console.print("dry run: nothing was stored")
+        return
     bar = _Bar(f"unlearning ({method})")
     try:
         result = apply.run(cfg, store_path, method_spec=method, num_models=num_models,

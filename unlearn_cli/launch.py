@@ -53,6 +53,11 @@ class Slot:
     env: dict[str, str]  # set before the worker imports torch
     threads: int  # torch intra-op threads for this worker
     label: str  # for messages: "cpu#1", "gpu3#0"
+    gpu: int = -1  # the GPU's index as the parent sees it (-1 on CPU)
+
+    def local_device(self) -> str:
+        """The device to use for work done in the parent process itself (e.g. a dry run)."""
+        return "cpu" if self.gpu < 0 else f"cuda:{self.gpu}"
 
 
 def cpu_count() -> int:
@@ -113,7 +118,8 @@ def plan_slots(device: str, *, workers: int, workers_per_gpu: int, num_jobs: int
             total = min(len(gpus) * workers_per_gpu, num_jobs)
             threads = max(1, cpu_count() // total)
             slots = [
-                Slot("cuda:0", {"CUDA_VISIBLE_DEVICES": names[g].strip()}, threads, f"gpu{g}#{k}")
+                Slot("cuda:0", {"CUDA_VISIBLE_DEVICES": names[g].strip()}, threads, f"gpu{g}#{k}",
+                     gpu=g)
                 for k in range(workers_per_gpu)
                 for g in gpus
             ]

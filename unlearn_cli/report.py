@@ -83,6 +83,20 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
+def dry_run_table(result: dict[str, Any]) -> Table:
+    """The original next to one run of the method (`unlearn apply --dry-run`)."""
+    table = Table(title=f"dry run: {result['method']} (seed {result['seed']}, {result['device']})",
+                  title_justify="left")
+    table.add_column("")
+    for col in ("forget acc", "retain acc", "test acc", "seconds"):
+        table.add_column(col, justify="right")
+    for name in ("original", "unlearned"):
+        r = result[name]
+        table.add_row(name, _pct(r["forget"]), _pct(r["retain"]), _pct(r["test"]),
+                      _fmt(r["seconds"]))
+    return table
+
+
 def print_reports(reports: Sequence[dict[str, Any]], console: Console) -> None:
     console.print(score_table(reports))
     for rep in reports:
@@ -99,8 +113,19 @@ def write_reports(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One report object when one method was scored; otherwise {schema, methods: [...]}."""
     doc = reports[0] if len(reports) == 1 else {"schema": SCHEMA, "methods": list(reports)}
     path = Path(path)
-    atomic_write_json(path, json.loads(json.dumps(doc, default=_jsonable)))
+    atomic_write_json(path, _finite(json.loads(json.dumps(doc, default=_jsonable))))
     return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

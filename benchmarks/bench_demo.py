@@ -1,0 +1,94 @@
+"""The demo, timed: original + N reference models + N finetune runs + score, on the digits default.
+
+Two ways, side by side in one run:
+- as the demo runs it: the three CLI commands, each a fresh process, with the default launcher
+  (one worker process per core, reference models trained as batched ensembles);
+- the baseline: the same jobs one after another in one process (one model at a time, no workers).
+Target (issue 2): the demo in <= 30 s wall on this project's 2-core machine.
+
+    python benchmarks/bench_demo.py [--num-models 100]
+Writes demo.json to $UNLEARN_BENCH_OUT when that is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TARGET_SECONDS = 30.0
+
+
+def run_cli(store: Path, n: int) -> dict[str, float]:
+    exe = [sys.executable, "-m", "unlearn_cli"]
+    steps = {
+        "train-refs": [*exe, "train-refs", "--num-models", str(n), "--store", str(store)],
+        "apply": [*exe, "apply", "--method", "finetune", "--store", str(store)],
+        "score": [*exe, "score", "--store", str(store), "--out", str(store / "report.json")],
+    }
+    times = {}
+    for name, args in steps.items():
+        start = time.perf_counter()
+        subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        times[name] = time.perf_counter() - start
+    times["total"] = sum(times.values())
+    return times
+
+
+def run_sequential(store: Path, n: int) -> dict[str, float]:
+    start = time.perf_counter()
+    from unlearn_cli import apply, score, train_refs
+    from unlearn_cli.config import load_config
+
+    cfg = load_config(None, ["launch.workers=1", "train.engine=loop"])
+    times = {"imports": time.perf_counter() - start}
+    t = time.perf_counter()
+    train_refs.run(cfg, store, num_models=n, inline=True)
+    times["train-refs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    apply.run(cfg, store, method_spec="finetune", inline=True)
+    times["apply"] = time.perf_counter() - t
+    t = time.perf_counter()
+    score.run(store, methods=["finetune"])
+    times["score"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - start
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-models", type=int, default=100)
+    args = parser.parse_args()
+    n = args.num_models
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = run_cli(Path(tmp) / "demo", n)
+        report = json.loads((Path(tmp) / "demo" / "report.json").read_text())
+        base = run_sequential(Path(tmp) / "sequential", n)
+    print(f"demo on digits, N = {n} (original + {n} reference models + {n} finetune runs + score)")
+    print(f"{'step':<12}{'demo (CLI, workers)':>22}{'one process, sequential':>26}")
+    for step in ("train-refs", "apply", "score", "total"):
+        print(f"{step:<12}{demo[step]:>21.1f}s{base[step]:>25.1f}s")
+    ratio = base["total"] / demo["total"]
+    print(f"speed-up of the demo over the sequential baseline (this run): {ratio:.2f}x")
+    verdict = "PASS" if demo["total"] <= TARGET_SECONDS else "FAIL"
+    print(f"target: demo <= {TARGET_SECONDS:.0f} s wall: {verdict} ({demo['total']:.1f} s)")
+    print(f"demo score: F = {report['forget_quality']:.4f}, final = {report['final_score']:.4f}, "
+          f"runtime ratio = {report['runtime']['ratio']:.3f}")
+    out = os.environ.get("UNLEARN_BENCH_OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "demo.json").write_text(json.dumps(
+            {"num_models": n, "demo_seconds": demo, "sequential_seconds": base,
+             "speedup": ratio, "target_seconds": TARGET_SECONDS, "pass": verdict == "PASS"},
+            indent=2))
+
+
+if __name__ == "__main__":
+    main()
