@@ -147,3 +147,24 @@ def test_apply_with_two_worker_processes(trained_store, tmp_path):
     inline = apply.run(load_config(None, FAST), tmp_path / "w", method_spec="reset-head",
                        num_models=4)
     assert inline.trained == []
+
+
+def test_the_readme_plugin_example_runs(trained_store, tmp_path, monkeypatch):
+    """The plugin shown in the README works as shown."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n# my_methods.py\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_methods.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "readme"
+    shutil.copytree(trained_store, root)
+    spec = "my_methods.py:forget_by_finetuning"
+    result = CliRunner().invoke(app, ["apply", "--method", spec, "--store", str(root),
+                                      "--num-models", "2", "--workers", "1",
+                                      "--set", "method.forget_by_finetuning.lr=0.05"])
+    assert result.exit_code == 0, result.output
+    assert Store(root).done_seeds(UNLEARNED, spec) == [1_000_000, 1_000_001]
+    assert Store(root).method_record(spec)["params"] == {"lr": 0.05}
