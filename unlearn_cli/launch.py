@@ -215,7 +215,8 @@ def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> l
     workers: dict[int, tuple[Any, Any, Slot]] = {}  # index -> (process, job queue, slot)
     holding: dict[int, Job] = {}  # index -> the job it runs
     started_at: dict[int, float] = {}
-    replacements = len(jobs)  # a crash loop must end: at most one replacement per job
+    # A crash loop must end: a worker that dies at start-up would otherwise be restarted forever.
+    replacements = 2 * len(slots) + 2
 
     def start_worker(index: int, slot: Slot) -> None:
         job_q = ctx.Queue()

@@ -305,28 +305,46 @@ def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray)
 
 
 # --- The fast implementation ------------------------------------------------------------------------
-# Why it is fast. The ~160,000 interval rules of one example are [L(j, i), R_j] with
-#   R_j    = r_min + j * D / (M - 1),            j < M (M = 400 or 401 right edges, D = 4),
-#   L(j,i) = R_j - width - 2 + i * 4 / 399,      i < 400 left edges per right edge,
-# so in exact arithmetic every left edge sits on one integer lattice:
-#   L(j, i) = base + (row_step * j + col_step * i) * unit,  base = r_min - width - 2,
-# with row_step = 399 / g, col_step = (M - 1) / g, unit = 4 g / (399 (M - 1)), g = gcd(399, M - 1):
-# for M = 400 that is base + (i + j) * 4/399 (799 lattice points), for M = 401 it is
-# base + (399 j + 400 i) * 4/159600 (319,201 points). How many data points lie below a left edge is
-# then a step function of the lattice index m, built once per example from the data (np.repeat of a
-# cumulative count, no search per rule), and the rule grid [M, 400] is a strided view of it. A rule's
-# epsilon depends only on its two counts, so it is a lookup in a precomputed float32 table.
-# The float thresholds differ from the ideal lattice by rounding (~1e-15 relative); a data point that
-# lies within 1e-12 (relative) of a lattice point could fall on either side of the float threshold,
-# so the rules on that lattice point are masked out and recomputed exactly from the float thresholds
-# with searchsorted, as the reference does. Continuous data almost never trigger this; data on a
-# 0.1 grid do (e.g. a left edge lands on min(peaky) when i + j = 399).
+# Why it is fast (same answer as the reference, bit for bit; the tests check it on adversarial data).
+# 1. A rule's epsilon depends only on its two counts (tp, fp): it is a lookup in a float32 table
+#    built once per bank size with the reference's own formula (`_epsilon_table`).
+# 2. The ~160,000 interval rules of an example are [L(j, i), R_j] with
+#      R_j    = r_min + j * D / (M - 1),           j < M (M = 400 or 401 right edges, D = 4),
+#      L(j,i) = R_j - width - 2 + i * 4 / 399,     i < 400 left edges per right edge,
+#    so in exact arithmetic every left edge sits on one integer lattice:
+#      L(j, i) = base + m * unit,   m = row_step * j + col_step * i,   base = r_min - width - 2,
+#    row_step = 399 / g, col_step = (M - 1) / g, unit = 4 g / (399 (M - 1)), g = gcd(399, M - 1):
+#    for M = 400, m = i + j (799 lattice points); for M = 401, m = 399 j + 400 i (319,201 points).
+# 3. Counts change only where a threshold crosses a data point: the count below a left edge is a
+#    step function of m with at most 2N + 1 runs, and the count up to R_j a step function of j.
+#    A (run of rows, run of lattice points) pair is one (tp, fp) for all its rules, so we evaluate
+#    each pair that some rule reaches once: typically a few hundred to a few thousand pairs instead
+#    of 160,000 rules (at most about 160,000 when the data are dense around every threshold).
+# 4. The float thresholds differ from the ideal lattice by rounding (~1e-15 relative). A data point
+#    within 1e-12 (relative) of a lattice point could lie on either side of the float threshold, so
+#    the rules on that lattice point are recomputed from their float thresholds with searchsorted,
+#    as the reference does. This always happens at least once: min(peaky) = base + 4, which is the
+#    lattice point of the rules with i + j = 399 (M = 400); data on a 0.1 grid add a few more.
 _LATTICE_RELATIVE_TOLERANCE = 1e-12  # >= 400x the worst rounding gap between a threshold and the lattice
 _LATTICE_MAX_SCALE = 1e4  # beyond this magnitude of confidences, use the exact searchsorted path
-_MASKED = np.int64(1) << 40  # a lattice count no rule can reach: masked rules get index <= 0 -> 0
+_MASKED = np.int64(1) << 40  # a count no rule reaches: masked pairs get index <= 0, i.e. epsilon 0
 
 
-def _interval_rules_best_exact(
+def _left_edge_values(right: np.ndarray, width: float, cols: np.ndarray) -> np.ndarray:
+    """Element cols[k] of `_left_edges(right[k], width)`, without building the 400-point rows.
+
+    right, cols `[K]`. numpy's linspace(start, stop, n) is start + i * ((stop - start) / (n - 1)),
+    with the last element set to stop; this repeats those float operations elementwise, so the
+    values are bit-identical to the reference's (tested against np.linspace).
+    """
+    start = right - width - INTERVAL_BUFFER
+    stop = right - width + INTERVAL_BUFFER
+    step = (stop - start) / (_NUM_LEFT_EDGES - 1)
+    inner = cols.astype(np.float64) * step + start
+    return np.where(cols == _NUM_LEFT_EDGES - 1, stop, inner)
+
+
+def _exact_rule_index(
     peaky: np.ndarray,
     other: np.ndarray,
     width: float,
@@ -334,32 +352,33 @@ def _interval_rules_best_exact(
     right_counts: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-) -> np.float32:
-    """Largest epsilon among chosen interval rules, from their float thresholds (as the reference).
+) -> np.ndarray:
+    """Flat count index of chosen interval rules, from their float thresholds (as the reference).
 
-    peaky `[n_peaky]`, other `[n_other]`: sorted banks; right `[M]` the right edges and
-    right_counts `[M]` = count(peaky <= R_j) * (n_other + 1) + count(other <= R_j);
-    rows, cols `[K]`: the rules (j, i) to evaluate.
+    peaky `[n_peaky]`, other `[n_other]`: sorted banks; right `[M]`: the right edges;
+    right_counts `[M]`: count(peaky <= R_j) * (n_other + 1) + count(other <= R_j);
+    rows, cols `[K]`: the rules (j, i). Returns int64 `[K]`, tp * (n_other + 1) + fp, or 0 for an
+    empty interval (l > r), whose epsilon is 0 like that of the rule tp = fp = 0.
     """
-    if rows.size == 0:
-        return np.float32(0.0)
-    needed, where = np.unique(rows, return_inverse=True)
-    left = _left_edges(right[needed], width)[where, cols]  # the very floats the reference uses
+    left = _left_edge_values(right[rows], width, cols)  # the very floats the reference uses
     below = np.searchsorted(peaky, left, side="left") * (other.size + 1)
     below += np.searchsorted(other, left, side="left")
-    index = np.maximum(right_counts[rows] - below, 0)  # (l > r: empty interval, index <= 0) -> 0
-    return _epsilon_table(peaky.size, other.size)[index].max()
+    return np.maximum(right_counts[rows] - below, 0)
+
+
+def _ceil_div(numerator: np.ndarray, denominator: int) -> np.ndarray:
+    """Integer ceil(numerator / denominator) for any sign of the numerator."""
+    return -(-numerator // denominator)
 
 
 def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) -> np.float32:
-    """Largest epsilon of the interval family for one example (spec 1.4-1.5).
+    """Largest epsilon (float32, may be inf) of the interval rules of one example (spec 1.4-1.5).
 
     peaky `[n_peaky]`: the sorted bank with the smaller range (flagged positive inside [l, r]);
-    other `[n_other]`: the other bank, sorted; width: range of peaky. Returns float32, may be inf.
+    other `[n_other]`: the other bank, sorted; width: range of peaky. See the comment above.
     """
-    n_other = other.size
-    stride = n_other + 1  # rule (tp, fp) <-> flat index tp * stride + fp in the epsilon table
-    table = _epsilon_table(peaky.size, n_other)
+    stride = other.size + 1  # rule (tp, fp) <-> flat index tp * stride + fp in the epsilon table
+    table = _epsilon_table(peaky.size, other.size)
     right = _right_edges(peaky, width)
     num_right = right.size
     # Flat count index of [-inf, R_j]; a rule's index is this minus that of [-inf, L(j, i)).
@@ -371,40 +390,65 @@ def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) ->
         # Not the lattice this code is written for (cannot happen for confidences, which lie in
         # [-104, 104]): evaluate every rule from its float thresholds.
         rows, cols = np.divmod(np.arange(num_right * _NUM_LEFT_EDGES), _NUM_LEFT_EDGES)
-        return _interval_rules_best_exact(peaky, other, width, right, right_counts, rows, cols)
+        return table.take(_exact_rule_index(peaky, other, width, right, right_counts, rows, cols)).max()
 
     g = math.gcd(_NUM_LEFT_EDGES - 1, num_right - 1)
     row_step = (_NUM_LEFT_EDGES - 1) // g
     col_step = (num_right - 1) // g
     unit = 2 * INTERVAL_BUFFER * g / ((_NUM_LEFT_EDGES - 1) * (num_right - 1))
     last = row_step * (num_right - 1) + col_step * (_NUM_LEFT_EDGES - 1)  # largest lattice index
-    base = right[0] - width - INTERVAL_BUFFER  # the float L(0, 0); the lattice's index 0
+    base = right[0] - width - INTERVAL_BUFFER  # the float L(0, 0): lattice index 0
 
-    # Lattice position of every data point; x < L(m) exactly when m >= first_above(x).
+    # Lattice position of every data point: x < L(m) exactly when m >= first_above(x), except on
+    # the lattice points where a data point sits ("masked"), which are recomputed exactly below.
     data = np.concatenate([peaky, other])
     position = (data - base) / unit
     nearest = np.rint(position)
     on_lattice = np.abs(position - nearest) < _LATTICE_RELATIVE_TOLERANCE * scale / unit
     first_above = np.where(on_lattice, nearest, np.floor(position)) + 1
     np.clip(first_above, 0, last + 1, out=first_above)
-    # weight of a data point in the flat index: a peaky point counts stride, an other point 1
-    weight = np.ones(data.size, dtype=np.int64)
+    weight = np.ones(data.size, dtype=np.int64)  # in the flat index a peaky point counts stride
     weight[: peaky.size] = stride
     order = np.argsort(first_above, kind="stable")
     steps = first_above[order].astype(np.int64)
     cumulative = np.zeros(data.size + 1, dtype=np.int64)
     np.cumsum(weight[order], out=cumulative[1:])
-    run_lengths = np.diff(steps, prepend=0, append=last + 1)
-    below = np.repeat(cumulative, run_lengths)  # [last + 1]: flat count of data < L(m)
-
     masked = np.unique(nearest[on_lattice & (nearest >= 0) & (nearest <= last)]).astype(np.int64)
-    below[masked] = _MASKED
-    item = below.itemsize
-    rule_below = np.lib.stride_tricks.as_strided(
-        below, shape=(num_right, _NUM_LEFT_EDGES), strides=(row_step * item, col_step * item)
-    )
-    index = right_counts[:, None] - rule_below
-    np.maximum(index, 0, out=index)  # empty intervals and masked rules -> entry 0, epsilon 0
+
+    # Runs of the lattice on which the count below L(m) is constant; a masked point is its own run.
+    run_start = np.unique(np.concatenate(([0], steps, masked, masked + 1)))
+    run_start = run_start[run_start <= last]
+    run_end = np.append(run_start[1:] - 1, last)
+    run_below = cumulative[np.searchsorted(steps, run_start, side="right")]
+    run_below[np.isin(run_start, masked, assume_unique=True)] = _MASKED
+
+    # Runs of right edges on which the count up to R_j is constant.
+    changes = np.flatnonzero(np.diff(right_counts)) + 1
+    row_start = np.concatenate(([0], changes))
+    row_end = np.append(changes - 1, num_right - 1)
+
+    # Each run of rows reaches lattice points from row_step * first row to
+    # row_step * last row + col_step * 399: pair it with every lattice run overlapping that range.
+    first_run = np.searchsorted(run_start, row_step * row_start, side="right") - 1
+    last_reach = row_step * row_end + col_step * (_NUM_LEFT_EDGES - 1)
+    last_run = np.searchsorted(run_start, last_reach, side="right") - 1
+    num_pairs = last_run - first_run + 1
+    pair_row = np.repeat(np.arange(row_start.size), num_pairs)
+    pair_run = np.arange(num_pairs.sum()) + np.repeat(first_run - np.cumsum(num_pairs) + num_pairs, num_pairs)
+    index = right_counts[row_start[pair_row]] - run_below[pair_run]
+    if col_step != 1:
+        # M = 401: m = 399 j + 400 i = 400 k - j with k = i + j, so rows j0..j1 reach, for each k
+        # in [j0, j1 + 399], the block [400 k - min(j1, k), 400 k - max(j0, k - 399)]. Both block
+        # ends increase with k: the run [lo, hi] is reached iff the first block ending at or after
+        # lo starts at or before hi.
+        j0, j1 = row_start[pair_row], row_end[pair_row]
+        lo, hi = run_start[pair_run], run_end[pair_run]
+        k_early = np.maximum(j0, _ceil_div(lo + j0, col_step))  # blocks ending at 400 k - j0
+        k_late = np.maximum(j0 + col_step, _ceil_div(lo - row_step, row_step))  # 399 k + 399
+        k = np.where(k_early <= j0 + _NUM_LEFT_EDGES - 1, k_early, k_late)
+        reached = (k <= j1 + _NUM_LEFT_EDGES - 1) & (col_step * k - np.minimum(j1, k) <= hi)
+        index[~reached] = 0
+    np.maximum(index, 0, out=index)  # empty intervals and masked runs -> entry 0, epsilon 0
     best = table.take(index).max()
 
     if masked.size:
@@ -414,8 +458,8 @@ def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) ->
         hit = (offset >= 0) & (offset % col_step == 0) & (offset // col_step < _NUM_LEFT_EDGES)
         which, rows = np.nonzero(hit)
         cols = offset[which, rows] // col_step
-        exact = _interval_rules_best_exact(peaky, other, width, right, right_counts, rows, cols)
-        best = max(best, exact)
+        exact = _exact_rule_index(peaky, other, width, right, right_counts, rows, cols)
+        best = max(best, table.take(exact).max())
     return best
 
 
@@ -443,7 +487,7 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
     thresholds per unit, exactly upstream's), delta = 1e-5, clipped to [0, 50] (perfect separation
     gives 50). Rates and the epsilon formula use float32, as upstream does, so the values match the
     organizers' code bit for bit. Same values as `per_example_epsilons_reference`, about 20x faster
-    (see the comment above `_interval_rules_best_exact`).
+    (see the comment above `_exact_rule_index`).
 
     Both banks constant (unhandled upstream): equal constants -> 0, different constants -> 50.
     The two banks may hold different numbers of models (rates are per bank).

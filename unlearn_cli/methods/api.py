@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -44,3 +45,14 @@ class UnlearnData:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             yield x[idx], y[idx]
+
+
+def child_seed(seed: int, stream: int) -> int:
+    """A seed for one independent random stream of a run, derived from the run's `seed`.
+
+    Methods that need several streams (data order, random labels, a random teacher) take stream
+    0, 1, 2, ... so that no stream of run i repeats a stream of run j (seeds i + 1 and j are
+    different runs under `apply`). numpy's SeedSequence mixes (seed, stream) into 63 bits.
+    """
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
