@@ -8,27 +8,29 @@ Conventions (docs/metric-spec.md):
 - confidences are arrays `[num_models, num_examples]`, one column per forget example;
 - every function leaves its inputs untouched (it sorts and converts copies).
 
-Where the numerics come from: the organizers' released scoring code (google-deepmind/
-unlearning_evaluation, metric.py), described in spec section 1 and pinned down by the golden cases in
-shared/metric/. The golden file shows that upstream holds every rate in float32 and evaluates the
-epsilon formula in float32: its epsilons are float32 values (e.g. 1.0969018936157227 =
-float32(log(float32(0.99999) - 509/512) - log(1/512)); the same formula in float64 gives 1.0969042).
-We reproduce that arithmetic exactly, so our epsilons equal the golden ones bit for bit and a value
-close to a bucket edge (a multiple of 0.5) lands in the same bucket as upstream's.
+Where the numerics come from: the organizers' released scoring code
+(google-deepmind/unlearning_evaluation, metric.py) as described in spec section 1, pinned down by
+the golden cases in shared/metric/. The golden file shows that upstream holds every rate in float32
+and evaluates the epsilon formula in float32: its epsilons are float32 values (e.g.
+1.0969018936157227 = float32(log(float32(0.99999) - 509/512) - log(1/512)); the same formula in
+float64 gives 1.0969042). We reproduce that arithmetic, so our epsilons equal the golden ones bit
+for bit and a value close to a bucket edge (a multiple of 0.5) lands in upstream's bucket.
 
 Two implementations of the per-example epsilon live here:
-- `per_example_epsilons_reference`: the spec read literally, one example at a time, one right edge at
-  a time, counting threshold hits with `searchsorted`. Slow (about 20 ms per example at N = 512) and
-  simple: it is the oracle of the tests and the baseline of benchmarks/bench_metrics.py;
-- `per_example_epsilons`: the same answer, computed from an exact count of data points below each
-  threshold on an integer lattice (see `_interval_family_best`); about 20x faster.
+- `per_example_epsilons_reference`: the spec read literally, one example at a time, one right edge
+  at a time, counting threshold hits with `searchsorted`. Slow (10-20 ms per example) and simple:
+  the oracle of the tests and the baseline of benchmarks/bench_metrics.py;
+- `per_example_epsilons`: the same values, from exact counts on an integer lattice of thresholds
+  (see the comment above `_left_edge_values`); typically 0.2-0.4 ms per example on this
+  project's 2-core machines (1,000 examples x (512 + 512) models in about 0.3 s), up to ~2 ms for
+  an example whose data are denser than the threshold grid around every threshold.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple, TypedDict
 
 import numpy as np
 
@@ -59,7 +61,7 @@ BUCKET_WIDTH = 0.5  # width of the epsilon buckets of the per-example score H (s
 _ONE_MINUS_DELTA_F32 = np.float32(1.0 - DELTA)
 
 
-# --- Statistic per (model, example) ----------------------------------------------------------------
+# --- Statistic per (model, example) ---------------------------------------------------------------
 def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Logit-scaled confidence of the true class, one value per row (spec 1.1).
 
@@ -71,12 +73,13 @@ def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarr
         float64 `[num_examples]`: log(p_y + 1e-45) - log(p_wrong + 1e-45), where p is the softmax of
         the row (row maximum subtracted first) and p_wrong the sum of p over the other classes.
 
-    Numerics, pinned down by the golden file: the softmax is taken in float32, as upstream's torch
-    code did on float32 logits; the sum over wrong classes and both logs are in float64. Spec 1.1
-    says "softmax in float64", but that misses the golden values by 4e-5 on a very confident row
-    (p_wrong ~ 5e-42 is a float32 subnormal upstream, so its rounding shows in the log); float32
-    softmax agrees with every golden value within 1e-7. p_wrong is summed, not taken as 1 - p_y,
-    which would round to 0 for a confident row and saturate the statistic at ~103.6.
+    Numerics, pinned down by the golden file: the softmax is taken in float32 (upstream's logits
+    are float32 and the golden values show float32 rounding); the sum over wrong classes and both
+    logs are in float64. Spec 1.1 says "softmax in float64", but that misses the golden values by
+    4e-5 on a very confident row (there p_wrong ~ 5e-42 is a float32 subnormal upstream, whose
+    rounding shows in the log) and by up to 1e-6 elsewhere; the float32 softmax agrees with every
+    golden value within 1e-7. p_wrong is summed, not taken as 1 - p_y, which would round to 0 for
+    a confident row and saturate the statistic at ~103.6.
     """
     y = np.asarray(targets)
     if np.ndim(logits) != 2 or y.shape != (np.shape(logits)[0],):
@@ -101,7 +104,7 @@ def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarr
     return np.log(p_true + CONFIDENCE_FLOOR) - np.log(p_wrong + CONFIDENCE_FLOOR)
 
 
-# --- Epsilon of one attack rule, from its counts ----------------------------------------------------
+# --- Epsilon of one attack rule, from its counts --------------------------------------------------
 def _rule_epsilons(
     true_pos: np.ndarray, false_pos: np.ndarray, num_pos: int, num_neg: int
 ) -> np.ndarray:
@@ -149,7 +152,7 @@ def _epsilon_table(num_pos: int, num_neg: int) -> np.ndarray:
     return table
 
 
-# --- Shared per-example set-up (spec 1.2-1.4) --------------------------------------------------------
+# --- Shared per-example set-up (spec 1.2-1.4) -----------------------------------------------------
 def _grid_size(span: float) -> int:
     """Number of thresholds upstream puts on a span: ceil(span * 100), in float64."""
     return int(math.ceil(span * THRESHOLDS_PER_UNIT))
@@ -259,7 +262,7 @@ def _left_edges(right: np.ndarray | float, width: float) -> np.ndarray:
     return np.linspace(start, stop, _NUM_LEFT_EDGES, axis=-1)
 
 
-# --- The reference implementation ----------------------------------------------------------------------
+# --- The reference implementation -----------------------------------------------------------------
 def _example_epsilon_reference(unlearned_col: np.ndarray, retrained_col: np.ndarray) -> float:
     """Official epsilon of one forget example, spec 1.2-1.5 read literally.
 
@@ -267,45 +270,56 @@ def _example_epsilon_reference(unlearned_col: np.ndarray, retrained_col: np.ndar
     """
     u_sorted = np.sort(unlearned_col)
     r_sorted = np.sort(retrained_col)
-    pos, neg = _ordered_banks(u_sorted, r_sorted, np.median(unlearned_col), np.median(retrained_col))
+    pos, neg = _ordered_banks(
+        u_sorted, r_sorted, np.median(unlearned_col), np.median(retrained_col)
+    )
     decided = _degenerate_epsilon(pos, neg)
     if decided is not None:
         return decided
 
     true_pos, false_pos = _single_threshold_counts(pos, neg)
     best = _rule_epsilons(true_pos, false_pos, pos.size, neg.size).max()
+    best = max(best, _interval_family_best_reference(*_interval_banks(pos, neg)))
+    return float(min(best, np.float32(EPSILON_CAP)))
 
-    peaky, other, width = _interval_banks(pos, neg)
+
+def _interval_family_best_reference(
+    peaky: np.ndarray, other: np.ndarray, width: float
+) -> np.float32:
+    """Largest epsilon (float32, may be inf) of the interval rules, one right edge at a time.
+
+    peaky `[n_peaky]`: the sorted bank with the smaller range; other `[n_other]`: the other bank,
+    sorted; width: range of peaky.
+    """
     tp_rows, fp_rows = [], []
     for right in _right_edges(peaky, width):
         left = _left_edges(right, width)
-        # count(l <= c <= r) = count(c <= r) - count(c < l); an empty interval (l > r) flags nothing.
+        # count(l <= c <= r) = count(c <= r) - count(c < l); an empty interval (l > r) flags none
         tp = np.searchsorted(peaky, right, side="right") - np.searchsorted(peaky, left, side="left")
         fp = np.searchsorted(other, right, side="right") - np.searchsorted(other, left, side="left")
         tp_rows.append(np.maximum(tp, 0))
         fp_rows.append(np.maximum(fp, 0))
-    interval = _rule_epsilons(np.concatenate(tp_rows), np.concatenate(fp_rows), peaky.size, other.size)
-    best = max(best, interval.max())
-    return float(min(best, np.float32(EPSILON_CAP)))
+    tp, fp = np.concatenate(tp_rows), np.concatenate(fp_rows)
+    return _rule_epsilons(tp, fp, peaky.size, other.size).max()
 
 
 def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
-    """Official per-example epsilon, straightforward version (the tests' oracle, the bench baseline).
+    """Official per-example epsilon, straightforward version (the tests' oracle, bench baseline).
 
     Args:
         unlearned: `[num_unlearned_models, num_examples]` confidences of the unlearned bank.
         retrained: `[num_retrained_models, num_examples]` confidences of the reference bank.
 
     Returns:
-        float64 `[num_examples]`, identical to `per_example_epsilons`. About 20 ms per example at
-        512 + 512 models: each of the ~400 right edges gets its own linspace and searchsorted.
+        float64 `[num_examples]`, identical to `per_example_epsilons`. 10-20 ms per example: each
+        of the ~400 right edges gets its own linspace and searchsorted.
     """
     u, r = _check_banks(unlearned, retrained)
     return np.array([_example_epsilon_reference(u[:, s], r[:, s]) for s in range(u.shape[1])])
 
 
-# --- The fast implementation ------------------------------------------------------------------------
-# Why it is fast (same answer as the reference, bit for bit; the tests check it on adversarial data).
+# --- The fast implementation ----------------------------------------------------------------------
+# Why it is fast (same answer as the reference, bit for bit; tests check it on adversarial data).
 # 1. A rule's epsilon depends only on its two counts (tp, fp): it is a lookup in a float32 table
 #    built once per bank size with the reference's own formula (`_epsilon_table`).
 # 2. The ~160,000 interval rules of an example are [L(j, i), R_j] with
@@ -319,14 +333,21 @@ def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray)
 #    step function of m with at most 2N + 1 runs, and the count up to R_j a step function of j.
 #    A (run of rows, run of lattice points) pair is one (tp, fp) for all its rules, so we evaluate
 #    each pair that some rule reaches once: typically a few hundred to a few thousand pairs instead
-#    of 160,000 rules (at most about 160,000 when the data are dense around every threshold).
+#    of 160,000 rules. (With data denser than the grid around every threshold the pairs approach
+#    160,000 for M = 400 and can pass it for M = 401; there we read every rule off the lattice.)
 # 4. The float thresholds differ from the ideal lattice by rounding (~1e-15 relative). A data point
 #    within 1e-12 (relative) of a lattice point could lie on either side of the float threshold, so
 #    the rules on that lattice point are recomputed from their float thresholds with searchsorted,
 #    as the reference does. This always happens at least once: min(peaky) = base + 4, which is the
-#    lattice point of the rules with i + j = 399 (M = 400); data on a 0.1 grid add a few more.
-_LATTICE_RELATIVE_TOLERANCE = 1e-12  # >= 400x the worst rounding gap between a threshold and the lattice
+#    lattice point of the rules with i + j = 399 (M = 400) or of (0, 399) and (400, 0) (M = 401);
+#    data on a 0.1 grid add a few more.
+# A float threshold is ~15 roundings of numbers <= scale away from its lattice point, so within
+# ~3.3e-15 * scale of it; this tolerance is 300 times that, and far below a lattice step (2.5e-5).
+_LATTICE_RELATIVE_TOLERANCE = 1e-12
 _LATTICE_MAX_SCALE = 1e4  # beyond this magnitude of confidences, use the exact searchsorted path
+# Above this many candidate (row run, lattice run) pairs, evaluate all rules on the lattice instead
+# (M = 401 only: its pairs need a reachability test and can number 400 x 2N; measured crossover).
+_DENSE_FALLBACK_PAIRS = 50_000
 _MASKED = np.int64(1) << 40  # a count no rule reaches: masked pairs get index <= 0, i.e. epsilon 0
 
 
@@ -371,6 +392,68 @@ def _ceil_div(numerator: np.ndarray, denominator: int) -> np.ndarray:
     return -(-numerator // denominator)
 
 
+class _LeftCountRuns(NamedTuple):
+    """The count of data below every left edge of one example, as runs on the lattice (step 3).
+
+    Rule (j, i) sits at lattice index m = row_step * j + col_step * i, 0 <= m <= last. Run r covers
+    lattice indices run_start[r]..run_end[r]; on it the flat count (count(peaky < L) * stride +
+    count(other < L)) is run_below[r], except that the lattice points in `masked` (where a data
+    point sits, step 4) are runs of their own with run_below = _MASKED.
+    """
+
+    row_step: int
+    col_step: int
+    last: int
+    run_start: np.ndarray  # int64 [num_runs], increasing, run_start[0] = 0
+    run_end: np.ndarray  # int64 [num_runs]
+    run_below: np.ndarray  # int64 [num_runs]
+    masked: np.ndarray  # int64 [num_masked]
+
+
+def _left_count_runs(
+    peaky: np.ndarray, other: np.ndarray, width: float, right: np.ndarray
+) -> _LeftCountRuns | None:
+    """Runs of the count below the left edges of one example, or None where the lattice does not
+    apply (then every rule is evaluated from its float thresholds).
+
+    peaky `[n_peaky]`, other `[n_other]`: sorted banks; width: range of peaky; right `[M]`: the
+    right edges.
+    """
+    num_right = right.size
+    scale = max(abs(peaky[0]), abs(peaky[-1]), abs(other[0]), abs(other[-1])) + 2 * INTERVAL_BUFFER
+    if num_right not in (400, 401) or scale > _LATTICE_MAX_SCALE:
+        return None  # cannot happen for confidences, which lie in [-104, 104]
+    g = math.gcd(_NUM_LEFT_EDGES - 1, num_right - 1)
+    row_step = (_NUM_LEFT_EDGES - 1) // g
+    col_step = (num_right - 1) // g
+    unit = 2 * INTERVAL_BUFFER * g / ((_NUM_LEFT_EDGES - 1) * (num_right - 1))
+    last = row_step * (num_right - 1) + col_step * (_NUM_LEFT_EDGES - 1)  # largest lattice index
+    base = right[0] - width - INTERVAL_BUFFER  # the float L(0, 0): lattice index 0
+
+    # Lattice position of every data point: x < L(m) exactly when m >= first_above(x), except on
+    # the lattice points where a data point sits ("masked"), which are recomputed exactly.
+    data = np.concatenate([peaky, other])
+    position = (data - base) / unit
+    nearest = np.rint(position)
+    on_lattice = np.abs(position - nearest) < _LATTICE_RELATIVE_TOLERANCE * scale / unit
+    first_above = np.where(on_lattice, nearest, np.floor(position)) + 1
+    np.clip(first_above, 0, last + 1, out=first_above)
+    weight = np.ones(data.size, dtype=np.int64)  # in the flat index a peaky point counts stride
+    weight[: peaky.size] = other.size + 1
+    order = np.argsort(first_above, kind="stable")
+    steps = first_above[order].astype(np.int64)
+    cumulative = np.zeros(data.size + 1, dtype=np.int64)
+    np.cumsum(weight[order], out=cumulative[1:])
+    masked = np.unique(nearest[on_lattice & (nearest >= 0) & (nearest <= last)]).astype(np.int64)
+
+    run_start = np.unique(np.concatenate(([0], steps, masked, masked + 1)))
+    run_start = run_start[run_start <= last]
+    run_end = np.append(run_start[1:] - 1, last)
+    run_below = cumulative[np.searchsorted(steps, run_start, side="right")]
+    run_below[np.searchsorted(run_start, masked)] = _MASKED  # each masked point starts a run
+    return _LeftCountRuns(row_step, col_step, last, run_start, run_end, run_below, masked)
+
+
 def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) -> np.float32:
     """Largest epsilon (float32, may be inf) of the interval rules of one example (spec 1.4-1.5).
 
@@ -385,76 +468,59 @@ def _interval_family_best(peaky: np.ndarray, other: np.ndarray, width: float) ->
     right_counts = np.searchsorted(peaky, right, side="right") * stride
     right_counts += np.searchsorted(other, right, side="right")
 
-    scale = max(abs(peaky[0]), abs(peaky[-1]), abs(other[0]), abs(other[-1])) + 2 * INTERVAL_BUFFER
-    if num_right not in (400, 401) or scale > _LATTICE_MAX_SCALE:
-        # Not the lattice this code is written for (cannot happen for confidences, which lie in
-        # [-104, 104]): evaluate every rule from its float thresholds.
+    runs = _left_count_runs(peaky, other, width, right)
+    if runs is None:
         rows, cols = np.divmod(np.arange(num_right * _NUM_LEFT_EDGES), _NUM_LEFT_EDGES)
-        return table.take(_exact_rule_index(peaky, other, width, right, right_counts, rows, cols)).max()
-
-    g = math.gcd(_NUM_LEFT_EDGES - 1, num_right - 1)
-    row_step = (_NUM_LEFT_EDGES - 1) // g
-    col_step = (num_right - 1) // g
-    unit = 2 * INTERVAL_BUFFER * g / ((_NUM_LEFT_EDGES - 1) * (num_right - 1))
-    last = row_step * (num_right - 1) + col_step * (_NUM_LEFT_EDGES - 1)  # largest lattice index
-    base = right[0] - width - INTERVAL_BUFFER  # the float L(0, 0): lattice index 0
-
-    # Lattice position of every data point: x < L(m) exactly when m >= first_above(x), except on
-    # the lattice points where a data point sits ("masked"), which are recomputed exactly below.
-    data = np.concatenate([peaky, other])
-    position = (data - base) / unit
-    nearest = np.rint(position)
-    on_lattice = np.abs(position - nearest) < _LATTICE_RELATIVE_TOLERANCE * scale / unit
-    first_above = np.where(on_lattice, nearest, np.floor(position)) + 1
-    np.clip(first_above, 0, last + 1, out=first_above)
-    weight = np.ones(data.size, dtype=np.int64)  # in the flat index a peaky point counts stride
-    weight[: peaky.size] = stride
-    order = np.argsort(first_above, kind="stable")
-    steps = first_above[order].astype(np.int64)
-    cumulative = np.zeros(data.size + 1, dtype=np.int64)
-    np.cumsum(weight[order], out=cumulative[1:])
-    masked = np.unique(nearest[on_lattice & (nearest >= 0) & (nearest <= last)]).astype(np.int64)
-
-    # Runs of the lattice on which the count below L(m) is constant; a masked point is its own run.
-    run_start = np.unique(np.concatenate(([0], steps, masked, masked + 1)))
-    run_start = run_start[run_start <= last]
-    run_end = np.append(run_start[1:] - 1, last)
-    run_below = cumulative[np.searchsorted(steps, run_start, side="right")]
-    run_below[np.isin(run_start, masked, assume_unique=True)] = _MASKED
+        index = _exact_rule_index(peaky, other, width, right, right_counts, rows, cols)
+        return table.take(index).max()
+    row_step, col_step = runs.row_step, runs.col_step
 
     # Runs of right edges on which the count up to R_j is constant.
     changes = np.flatnonzero(np.diff(right_counts)) + 1
     row_start = np.concatenate(([0], changes))
     row_end = np.append(changes - 1, num_right - 1)
 
-    # Each run of rows reaches lattice points from row_step * first row to
-    # row_step * last row + col_step * 399: pair it with every lattice run overlapping that range.
-    first_run = np.searchsorted(run_start, row_step * row_start, side="right") - 1
+    # Rows j0..j1 reach lattice points from row_step * j0 to row_step * j1 + col_step * 399: pair
+    # them with every lattice run overlapping that range.
+    first_run = np.searchsorted(runs.run_start, row_step * row_start, side="right") - 1
     last_reach = row_step * row_end + col_step * (_NUM_LEFT_EDGES - 1)
-    last_run = np.searchsorted(run_start, last_reach, side="right") - 1
+    last_run = np.searchsorted(runs.run_start, last_reach, side="right") - 1
     num_pairs = last_run - first_run + 1
-    pair_row = np.repeat(np.arange(row_start.size), num_pairs)
-    pair_run = np.arange(num_pairs.sum()) + np.repeat(first_run - np.cumsum(num_pairs) + num_pairs, num_pairs)
-    index = right_counts[row_start[pair_row]] - run_below[pair_run]
-    if col_step != 1:
-        # M = 401: m = 399 j + 400 i = 400 k - j with k = i + j, so rows j0..j1 reach, for each k
-        # in [j0, j1 + 399], the block [400 k - min(j1, k), 400 k - max(j0, k - 399)]. Both block
-        # ends increase with k: the run [lo, hi] is reached iff the first block ending at or after
-        # lo starts at or before hi.
-        j0, j1 = row_start[pair_row], row_end[pair_row]
-        lo, hi = run_start[pair_run], run_end[pair_run]
-        k_early = np.maximum(j0, _ceil_div(lo + j0, col_step))  # blocks ending at 400 k - j0
-        k_late = np.maximum(j0 + col_step, _ceil_div(lo - row_step, row_step))  # 399 k + 399
-        k = np.where(k_early <= j0 + _NUM_LEFT_EDGES - 1, k_early, k_late)
-        reached = (k <= j1 + _NUM_LEFT_EDGES - 1) & (col_step * k - np.minimum(j1, k) <= hi)
-        index[~reached] = 0
+    total_pairs = int(num_pairs.sum())
+    if col_step != 1 and total_pairs > _DENSE_FALLBACK_PAIRS:
+        # Data denser than the lattice around every threshold (M = 401 only): the candidate
+        # pairs outnumber the rules, so evaluate every rule on the lattice instead.
+        below = np.repeat(runs.run_below, runs.run_end - runs.run_start + 1)  # [last + 1]
+        rule_below = np.lib.stride_tricks.as_strided(
+            below,
+            shape=(num_right, _NUM_LEFT_EDGES),
+            strides=(row_step * below.itemsize, col_step * below.itemsize),
+        )  # rule (j, i) -> below[row_step * j + col_step * i], a view within bounds by `last`
+        index = right_counts[:, None] - rule_below
+    else:
+        pair_row = np.repeat(np.arange(row_start.size), num_pairs)
+        first_of_row = np.repeat(first_run - np.cumsum(num_pairs) + num_pairs, num_pairs)
+        pair_run = np.arange(total_pairs) + first_of_row
+        index = right_counts[row_start[pair_row]] - runs.run_below[pair_run]
+        if col_step != 1:
+            # M = 401: m = 399 j + 400 i = 400 k - j with k = i + j, so rows j0..j1 reach, for
+            # each k in [j0, j1 + 399], the block [400 k - min(j1, k), 400 k - max(j0, k - 399)];
+            # both block ends increase with k. The run [lo, hi] is reached iff the first block
+            # ending at or after lo starts at or before hi. (M = 400: m = i + j, every
+            # overlapping run is reached.)
+            j0, j1 = row_start[pair_row], row_end[pair_row]
+            lo, hi = runs.run_start[pair_run], runs.run_end[pair_run]
+            k_early = np.maximum(j0, _ceil_div(lo + j0, col_step))  # blocks ending at 400k - j0
+            k_late = np.maximum(j0 + col_step, _ceil_div(lo - row_step, row_step))  # 399k + 399
+            k = np.where(k_early <= j0 + _NUM_LEFT_EDGES - 1, k_early, k_late)
+            reached = (k <= j1 + _NUM_LEFT_EDGES - 1) & (col_step * k - np.minimum(j1, k) <= hi)
+            index[~reached] = 0
     np.maximum(index, 0, out=index)  # empty intervals and masked runs -> entry 0, epsilon 0
     best = table.take(index).max()
 
-    if masked.size:
+    if runs.masked.size:
         # The rules on a lattice point where a data point sits: recompute them exactly.
-        j = np.arange(num_right)
-        offset = masked[:, None] - row_step * j[None, :]
+        offset = runs.masked[:, None] - row_step * np.arange(num_right)[None, :]
         hit = (offset >= 0) & (offset % col_step == 0) & (offset // col_step < _NUM_LEFT_EDGES)
         which, rows = np.nonzero(hit)
         cols = offset[which, rows] // col_step
@@ -486,8 +552,8 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
     largest epsilon of ~1,000 single-threshold rules and ~160,000 interval rules (grids of 100
     thresholds per unit, exactly upstream's), delta = 1e-5, clipped to [0, 50] (perfect separation
     gives 50). Rates and the epsilon formula use float32, as upstream does, so the values match the
-    organizers' code bit for bit. Same values as `per_example_epsilons_reference`, about 20x faster
-    (see the comment above `_exact_rule_index`).
+    organizers' code bit for bit. Same values as `per_example_epsilons_reference`, 40-60x faster
+    (see the comment above `_left_edge_values`).
 
     Both banks constant (unhandled upstream): equal constants -> 0, different constants -> 50.
     The two banks may hold different numbers of models (rates are per bank).
@@ -513,7 +579,7 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
     )
 
 
-# --- Per-example score H and forgetting quality F (spec 1.6) ------------------------------------------
+# --- Per-example score H and forgetting quality F (spec 1.6) --------------------------------------
 def example_scores(epsilons: np.ndarray, num_models: int) -> np.ndarray:
     """Per-example score H of spec 1.6.
 
@@ -536,6 +602,13 @@ def example_scores(epsilons: np.ndarray, num_models: int) -> np.ndarray:
     return np.where(bucket < num_buckets, 2.0 ** -np.minimum(bucket, num_buckets), 0.0)
 
 
+def _forget_quality_unchecked(unlearned: np.ndarray, retrained: np.ndarray) -> float:
+    """F for banks already checked by `_check_banks`, same N: `[num_models, num_examples]` each."""
+    return float(
+        np.mean(example_scores(per_example_epsilons(unlearned, retrained), unlearned.shape[0]))
+    )
+
+
 def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
     """Forgetting quality F of spec 1.6: the mean over forget examples of H(epsilon).
 
@@ -554,4 +627,158 @@ def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
             f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
             f"unlearned and {r.shape[0]} retrained"
         )
-    return float(np.mean(example_scores(per_example_epsilons(u, r), u.shape[0])))
+    if u.shape[1] == 0:
+        raise ValueError("forget quality needs at least one forget example, got 0")
+    return _forget_quality_unchecked(u, r)
+
+
+# --- Beyond the peers (spec section 4) ------------------------------------------------------------
+class _MethodShare(TypedDict, total=False):
+    # Only when `unlearned` was given: the method's F at the same N // 2, against the same
+    # reference halves, and its share of the ceiling (the like-for-like comparison).
+    method_forget_quality: float
+    share: float
+
+
+class CalibratedCeiling(_MethodShare):
+    """What `calibrated_ceiling` returns: a plain dict, ready for a JSON report."""
+
+    forget_quality: float  # mean F over the random half splits (NaN with fewer than 6 models)
+    num_models: int  # models per bank each split was scored at: N // 2. Report it beside the value
+    per_split: list[float]  # F of each split
+    seed: int  # seed of the splits
+
+
+def calibrated_ceiling(
+    retrained: np.ndarray,
+    *,
+    unlearned: np.ndarray | None = None,
+    seed: int = 0,
+    repeats: int = 5,
+) -> CalibratedCeiling:
+    """The F a perfect unlearner gets at this N: one half of the reference models scored as if
+    they were unlearned models, against the other half (spec section 4).
+
+    A perfect unlearner's outputs are draws from the reference distribution, so this is the F of
+    sampling noise alone, the F to compare a method with; the official metric puts it at about
+    0.18-0.19, not 1 (spec 1.7). Report F next to it.
+
+    Models are split at random into two disjoint halves of N // 2 (one model is left out when N is
+    odd), `repeats` times, and the F of each split is averaged. The halves have N // 2 models, not
+    N, and nothing is rescaled: the result's `num_models` says which N the value belongs to, and
+    a report should show it. How far the value at N // 2 is from the ceiling at N depends on the
+    data. Spec 1.7's "0.18-0.19 at any N" holds for confidences spread over about a unit or more;
+    narrower ones score lower as N grows, because the threshold grid (0.01) and the interval
+    slack (+-2) are fixed in confidence units. Measured here, identical normal banks, 400
+    examples: sd 1.0 gives F = 0.176, 0.179, 0.187 at N = 10, 20, 40; sd 0.2 gives 0.169, 0.126,
+    0.107. Real confidences of the digits MLP (per-example sd ~0.2) did the same: 0.167 at N = 10
+    against 0.127 at N = 20, both from random halves of 20 reference + 20 retrained models.
+    So a method's F at N must not be divided by the ceiling at N // 2. Pass `unlearned` to get
+    the like-for-like comparison: in each split, N // 2 unlearned models drawn at random are
+    scored against the same reference half the ceiling used; `share` is the ratio of the means.
+    With fewer than 6 reference models a half has fewer than 3, for which H is undefined: the
+    value is then NaN and `per_split` is empty.
+
+    Args:
+        retrained: `[num_models, num_examples]` confidences of the reference models.
+        unlearned: optional `[num_models_u, num_examples]` confidences of the unlearned models
+            (num_models_u >= N // 2).
+        seed: seed of the random splits.
+        repeats: number of random splits to average (each costs one F at N // 2, two with
+            `unlearned`).
+
+    Returns:
+        {"forget_quality": mean F, "num_models": N // 2, "per_split": [F of each split],
+        "seed": seed}, plus "method_forget_quality" and "share" when `unlearned` is given.
+    """
+    r, _ = _check_banks(retrained, retrained)
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    u = None
+    if unlearned is not None:
+        u, _ = _check_banks(unlearned, retrained)
+    half = r.shape[0] // 2
+    if u is not None:
+        half = min(half, u.shape[0])
+    scores: list[float] = []
+    method: list[float] = []
+    if half >= 3 and r.shape[1] > 0:
+        rng = np.random.default_rng(seed)
+        for _ in range(repeats):
+            order = rng.permutation(r.shape[0])
+            ref_half = r[order[half : 2 * half]]
+            scores.append(_forget_quality_unchecked(r[order[:half]], ref_half))
+            if u is not None:
+                pick = rng.permutation(u.shape[0])[:half]
+                method.append(_forget_quality_unchecked(u[pick], ref_half))
+    value = float(np.mean(scores)) if scores else math.nan
+    out: CalibratedCeiling = {
+        "forget_quality": value, "num_models": half, "per_split": scores, "seed": seed,
+    }
+    if u is not None:
+        method_value = float(np.mean(method)) if method else math.nan
+        out["method_forget_quality"] = method_value
+        out["share"] = method_value / value if value > 0 else math.nan
+    return out
+
+
+def bootstrap_forget_quality(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    *,
+    num_resamples: int = 100,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Bootstrap interval for F, re-centred on F (spec section 4).
+
+    Each resample draws N models with replacement within each bank (independently for the two
+    banks) and recomputes F over all forget examples. It reflects the sampling of models (seeds),
+    not of forget examples.
+
+    Why re-centred, measured (N = 100, 150 examples, normal confidences): resampling with
+    replacement puts repeated models in each bank, i.e. exact ties, and the ~160,000 interval
+    rules exploit them, so the resampled F is biased low: for identical distributions F = 0.19
+    while the resampled F average 0.14 (sd 0.009; F of fresh draws: sd 0.005); for a 0.3 sd shift,
+    F = 0.136 against 0.112. A plain percentile interval then lies entirely below F. The bias is
+    an artefact of the resampling (a fresh bank has no ties), so the interval keeps the spread of
+    the resampled F and moves it onto F: [F + q_lo - mean, F + q_hi - mean], where q are the
+    (1 - level)/2 and (1 + level)/2 quantiles and mean their average, clipped to [0, 1]. Its width
+    is conservative: the resampled sd (0.009) exceeds that of fresh draws (0.005).
+
+    Cost: num_resamples evaluations of F, about 30 ms each for 150 examples at N = 100 on a 2-core
+    machine, so about 3 s with the default 100 resamples (the usual minimum for a 95% percentile
+    interval); its ends moved by about 0.002 between two seeds there.
+
+    Args:
+        unlearned: `[num_models, num_examples]` confidences of the unlearned bank.
+        retrained: `[num_models, num_examples]` confidences of the reference bank (same N).
+        num_resamples: number of bootstrap resamples (>= 2).
+        seed: seed of the resampling.
+        level: coverage of the interval, in (0, 1).
+
+    Returns:
+        (low, high).
+    """
+    u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
+            f"unlearned and {r.shape[0]} retrained"
+        )
+    if num_resamples < 2:
+        raise ValueError(f"num_resamples must be at least 2, got {num_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    n = u.shape[0]
+    scores = np.array(
+        [
+            _forget_quality_unchecked(u[rng.integers(0, n, n)], r[rng.integers(0, n, n)])
+            for _ in range(num_resamples)
+        ]
+    )
+    low, high = np.quantile(scores, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    centre = _forget_quality_unchecked(u, r)
+    shift = centre - float(np.mean(scores))
+    return float(np.clip(low + shift, 0.0, 1.0)), float(np.clip(high + shift, 0.0, 1.0))

@@ -1,0 +1,425 @@
+"""Tests of unlearn_cli.metrics: the official NeurIPS 2023 metric against the organizers' golden
+outputs, the fast epsilon against the straightforward reference, and the facts of spec 1.7."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unlearn_cli import metrics
+from unlearn_cli.metrics import (
+    DELTA,
+    bootstrap_forget_quality,
+    calibrated_ceiling,
+    example_scores,
+    forget_quality,
+    logit_scaled_confidence,
+    per_example_epsilons,
+    per_example_epsilons_reference,
+)
+
+# The repo and shared/ are siblings (here /work/main and /work/shared; in CI a fresh clone with
+# shared/ beside it).
+GOLDEN_PATH = (
+    Path(__file__).resolve().parents[2] / "shared" / "metric" / "official_metric_golden.npz"
+)
+GOLDEN_CASES = ["c0", "c1", "c2"]  # 100 models x 60 examples, 32 x 40, 512 x 16
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not GOLDEN_PATH.exists():
+        pytest.skip(f"golden file not found at {GOLDEN_PATH} (it lives in shared/metric/)")
+    with np.load(GOLDEN_PATH) as data:
+        return {key: data[key] for key in data.files}
+
+
+# --- Golden cases: the organizers' released code --------------------------------------------------
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+@pytest.mark.parametrize("epsilons", [per_example_epsilons, per_example_epsilons_reference])
+def test_epsilons_and_forget_quality_match_golden(golden, case, epsilons):
+    unlearned = golden[f"{case}_unlearned_confs"]
+    retrained = golden[f"{case}_retrained_confs"]
+    eps = epsilons(unlearned, retrained)
+    worst = np.abs(eps - golden[f"{case}_epsilons"]).max()
+    assert worst <= 1e-4, f"{case}: epsilon off by {worst}"
+    score = example_scores(eps, unlearned.shape[0]).mean()
+    assert score == pytest.approx(float(golden[f"{case}_forget_score"]), abs=1e-9)
+
+
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_forget_quality_matches_golden(golden, case):
+    score = forget_quality(golden[f"{case}_unlearned_confs"], golden[f"{case}_retrained_confs"])
+    assert score == pytest.approx(float(golden[f"{case}_forget_score"]), abs=1e-9)
+
+
+def test_logit_scaled_confidence_matches_golden(golden):
+    conf = logit_scaled_confidence(golden["logits"], golden["targets"])
+    assert conf.dtype == np.float64
+    assert np.abs(conf - golden["logit_scaled_confidence"]).max() <= 1e-6
+
+
+def test_golden_epsilons_are_upstreams_float32_values(golden):
+    # Upstream evaluates epsilon in float32; e.g. c2 example 4 is the rule FPR = 509/512,
+    # FNR = 1/512 at N = 512: float32 arithmetic gives 1.0969019, float64 gives 1.0969042.
+    upstream = golden["c2_epsilons"][4]
+    assert upstream == 1.0969018936157227
+    ours = float(metrics._rule_epsilons(np.array([511]), np.array([509]), 512, 512)[0])
+    assert abs(ours - upstream) <= 2.5e-7  # equal here; 2 float32 ulps allowed for other CPUs' log
+    in_float64 = math.log(1 - DELTA - 509 / 512) - math.log(1 / 512)
+    assert 2e-6 < abs(in_float64 - upstream) < 1e-4
+
+
+# --- Fast path == straightforward reference -------------------------------------------------------
+def _mixed_banks(rng, num_models, num_examples):
+    """Columns of every kind the fast path must get exactly right: same, shift, spread, ties,
+    values on a 0.1 / 0.5 / 0.01 grid, skewed, a third of the models tied at one value."""
+    unlearned = np.empty((num_models, num_examples))
+    retrained = np.empty((num_models, num_examples))
+    for s in range(num_examples):
+        loc, sd = rng.uniform(-10, 15), rng.uniform(0.05, 3)
+        r = rng.normal(loc, sd, num_models)
+        kind = s % 8
+        if kind == 0:
+            u = rng.normal(loc, sd, num_models)
+        elif kind == 1:
+            u = rng.normal(loc + rng.normal() * sd, sd, num_models)
+        elif kind == 2:
+            u = rng.normal(loc, sd * rng.uniform(0.2, 2), num_models)
+        elif kind == 3:
+            u, r = np.round(rng.normal(loc, sd, num_models), 1), np.round(r, 1)
+        elif kind == 4:
+            u, r = np.round(rng.normal(loc, sd, num_models) * 2) / 2, np.round(r * 4) / 4
+        elif kind == 5:
+            u = loc + 0.01 * rng.integers(0, 4, num_models)
+            r = loc + 0.01 * rng.integers(0, 5, num_models)
+        elif kind == 6:
+            u = loc + rng.exponential(sd, num_models)
+        else:
+            u = rng.normal(loc, sd, num_models)
+            u[rng.integers(0, num_models, num_models // 3)] = loc
+        unlearned[:, s], retrained[:, s] = u, r
+    return unlearned, retrained
+
+
+@pytest.mark.parametrize("num_models", [2, 3, 5, 8, 17, 32, 100])
+def test_fast_epsilons_equal_reference_on_mixed_data(num_models):
+    rng = np.random.default_rng(num_models)
+    unlearned, retrained = _mixed_banks(rng, num_models, 24)
+    fast = per_example_epsilons(unlearned, retrained)
+    reference = per_example_epsilons_reference(unlearned, retrained)
+    np.testing.assert_array_equal(fast, reference)
+
+
+def test_fast_epsilons_equal_reference_with_unequal_banks():
+    rng = np.random.default_rng(7)
+    for num_unlearned, num_retrained in [(10, 30), (64, 16), (3, 100)]:
+        unlearned = rng.normal(0.0, 1.0, (num_unlearned, 12))
+        retrained = rng.normal(0.3, 1.2, (num_retrained, 12))
+        np.testing.assert_array_equal(
+            per_example_epsilons(unlearned, retrained),
+            per_example_epsilons_reference(unlearned, retrained),
+        )
+
+
+def test_fast_epsilons_equal_reference_beyond_the_lattice_range():
+    # Confidences above 1e4 in magnitude (never produced by logit_scaled_confidence, which stays
+    # within +-104) take the path that evaluates every rule from its float thresholds.
+    rng = np.random.default_rng(8)
+    unlearned = 2e4 + rng.normal(0.0, 1.0, (20, 3))
+    retrained = 2e4 + rng.normal(0.5, 1.5, (20, 3))
+    np.testing.assert_array_equal(
+        per_example_epsilons(unlearned, retrained),
+        per_example_epsilons_reference(unlearned, retrained),
+    )
+
+
+def _grids(u, r):
+    """The example's interval banks and every threshold of both families (float values)."""
+    us, rs = np.sort(u), np.sort(r)
+    pos, neg = metrics._ordered_banks(us, rs, np.median(u), np.median(r))
+    peaky, other, width = metrics._interval_banks(pos, neg)
+    right = metrics._right_edges(peaky, width)
+    lo, hi = min(us[0], rs[0]), max(us[-1], rs[-1])
+    single = np.linspace(lo, hi, metrics._grid_size(hi - lo))
+    return peaky, other, width, right, single
+
+
+def _data_on_thresholds(rng, num_models, discrete):
+    """A column pair whose interior data points are moved exactly onto float thresholds (left
+    edges, right edges, single thresholds). Moving interior points keeps both ranges and hence
+    every grid unchanged."""
+    u = rng.normal(0.0, 1.0, num_models)
+    r = rng.normal(rng.normal() * 0.5, rng.uniform(0.5, 1.5), num_models)
+    if discrete:
+        u, r = np.round(u, 1), np.round(r, 1)
+    peaky, other, width, right, single = _grids(u, r)
+    if width == 0:
+        return u, r
+    left = metrics._left_edges(right, width)
+    inside = np.concatenate([left.ravel(), right, single])
+    inside = inside[(inside > max(u.min(), r.min())) & (inside < min(u.max(), r.max()))]
+    if inside.size == 0:
+        return u, r
+    for bank in (u, r):
+        interior = np.argsort(bank)[1:-1]
+        pick = rng.choice(interior, size=min(interior.size, num_models // 3 + 1), replace=False)
+        bank[pick] = rng.choice(inside, size=pick.size)
+    return u, r
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+@pytest.mark.parametrize("num_models", [4, 7, 16, 50, 100])
+def test_fast_epsilons_equal_reference_with_data_on_grid_points(num_models, discrete):
+    rng = np.random.default_rng(100 * num_models + discrete)
+    columns = [_data_on_thresholds(rng, num_models, discrete) for _ in range(12)]
+    unlearned = np.stack([c[0] for c in columns], axis=1)
+    retrained = np.stack([c[1] for c in columns], axis=1)
+    np.testing.assert_array_equal(
+        per_example_epsilons(unlearned, retrained),
+        per_example_epsilons_reference(unlearned, retrained),
+    )
+
+
+def _interval_cases(rng, num_right, count):
+    """(peaky, other, width) cases with exactly num_right right edges (400 or 401)."""
+    cases = []
+    while len(cases) < count:
+        n = int(rng.choice([3, 5, 10, 33, 100, 300]))
+        loc, sd = rng.uniform(-30, 30), rng.choice([0.01, 0.1, 0.5, 1.0, 3.0])
+        peaky = rng.normal(loc, sd, n)
+        other = rng.normal(loc + rng.normal() * sd, sd * rng.uniform(1, 3), n)
+        decimals = rng.choice([-1, 1, 2])  # -1: continuous; else rounded, so ties and grid hits
+        if decimals >= 0:
+            peaky, other = np.round(peaky, decimals), np.round(other, decimals)
+        peaky, other = np.sort(peaky), np.sort(other)
+        width = peaky[-1] - peaky[0]
+        if width == 0 or width > other[-1] - other[0]:
+            continue
+        if metrics._right_edges(peaky, width).size == num_right:
+            cases.append((peaky, other, width))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("num_right", "dense_above"),
+    [(400, metrics._DENSE_FALLBACK_PAIRS), (401, metrics._DENSE_FALLBACK_PAIRS), (401, 0)],
+)
+def test_interval_family_equals_reference_for_both_lattices(num_right, dense_above, monkeypatch):
+    # About 1 example in 10 has 401 right edges (r_max - r_min rounds just above 4); its lattice
+    # needs the reachability test of `_interval_family_best`, or, when the data are dense, the
+    # evaluation of every rule on the lattice (forced here by dense_above = 0).
+    monkeypatch.setattr(metrics, "_DENSE_FALLBACK_PAIRS", dense_above)
+    rng = np.random.default_rng(num_right + dense_above)
+    for peaky, other, width in _interval_cases(rng, num_right, 60):
+        fast = metrics._interval_family_best(peaky, other, width)
+        reference = metrics._interval_family_best_reference(peaky, other, width)
+        assert fast == reference, (peaky.size, width)
+
+
+@pytest.mark.parametrize("num_right", [400, 401])
+def test_lattice_counts_equal_float_threshold_counts_except_where_masked(num_right):
+    # The claim behind the fast path, checked rule by rule: the count below L(j, i) read from the
+    # lattice runs equals the count against the float threshold, except on masked lattice points,
+    # which the fast path recomputes from the float thresholds.
+    rng = np.random.default_rng(10 + num_right)
+    for peaky, other, width in _interval_cases(rng, num_right, 25):
+        right = metrics._right_edges(peaky, width)
+        runs = metrics._left_count_runs(peaky, other, width, right)
+        left = metrics._left_edges(right, width)  # [M, 400] float thresholds
+        exact = np.searchsorted(peaky, left, side="left") * (other.size + 1)
+        exact += np.searchsorted(other, left, side="left")
+        j, i = np.indices(left.shape)
+        m = runs.row_step * j + runs.col_step * i
+        assert m.max() == runs.last
+        from_runs = runs.run_below[np.searchsorted(runs.run_start, m, side="right") - 1]
+        masked = np.isin(m, runs.masked)
+        np.testing.assert_array_equal(from_runs[~masked], exact[~masked])
+        assert (from_runs[masked] == metrics._MASKED).all()
+
+
+def test_left_edge_values_equal_linspace():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        right = np.linspace(rng.normal() * 20, rng.normal() * 20 + 4, 401)
+        width = rng.uniform(0, 6)
+        rows = metrics._left_edges(right, width)
+        for k in range(0, right.size, 50):  # vectorised linspace == scalar linspace, row by row
+            np.testing.assert_array_equal(rows[k], metrics._left_edges(right[k], width))
+        # the last element is stop itself, which 399 * step + start misses about 1 time in 500
+        for cols in (rng.integers(0, 400, right.size), np.full(right.size, 399)):
+            np.testing.assert_array_equal(
+                metrics._left_edge_values(right, width, cols), rows[np.arange(right.size), cols]
+            )
+
+
+def test_tie_rules_of_spec():
+    low, high = np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 5.0])
+    # 1.2: the retrained bank is positive only if its median is strictly higher
+    pos, neg = metrics._ordered_banks(low, high, median_u=1.0, median_r=1.0)
+    assert pos is low and neg is high
+    pos, neg = metrics._ordered_banks(low, high, median_u=1.0, median_r=1.5)
+    assert pos is high and neg is low
+    # 1.4: upstream swaps when range(pos) >= range(neg): on equal ranges the negative bank is peaky
+    pos, neg = np.array([3.0, 4.0, 5.0]), np.array([1.0, 2.5, 3.0])
+    peaky, other, width = metrics._interval_banks(pos, neg)
+    assert peaky is neg and other is pos and width == 2.0
+    peaky, other, width = metrics._interval_banks(pos, np.array([0.0, 2.5, 3.0]))
+    assert peaky is pos and width == 2.0
+
+
+# --- Facts of spec 1.3-1.7 ------------------------------------------------------------------------
+def test_identical_distributions_score_near_the_calibrated_ceiling():
+    rng = np.random.default_rng(0)
+    unlearned = rng.normal(0.0, 1.0, (100, 300))
+    retrained = rng.normal(0.0, 1.0, (100, 300))
+    score = forget_quality(unlearned, retrained)
+    ceiling = calibrated_ceiling(retrained, seed=0, repeats=3)
+    assert ceiling["num_models"] == 50
+    assert 0.15 <= score <= 0.22, score  # spec 1.7: about 0.18-0.19 at any N
+    assert 0.15 <= ceiling["forget_quality"] <= 0.22, ceiling
+    assert abs(score - ceiling["forget_quality"]) < 0.04
+
+
+def test_unlearned_models_with_identical_outputs_score_zero():
+    rng = np.random.default_rng(1)
+    retrained = rng.normal(0.0, 1.0, (32, 20))
+    unlearned = np.tile(rng.normal(0.0, 1.0, 20), (32, 1))  # every run gives the same outputs
+    np.testing.assert_array_equal(per_example_epsilons(unlearned, retrained), 50.0)
+    assert forget_quality(unlearned, retrained) == 0.0
+
+
+def test_perfect_separation_gives_the_cap_and_no_score():
+    rng = np.random.default_rng(2)
+    unlearned = rng.normal(0.0, 1.0, (50, 10))
+    retrained = rng.normal(10.0, 1.0, (50, 10))
+    eps = per_example_epsilons(unlearned, retrained)
+    np.testing.assert_array_equal(eps, 50.0)
+    np.testing.assert_array_equal(example_scores(eps, 50), 0.0)
+
+
+@pytest.mark.parametrize("num_models", [10, 100])
+def test_fpr_and_fnr_of_one_over_n_give_the_largest_finite_epsilon(num_models):
+    # One outlier in each bank: the best rules flag all but one model of each side correctly,
+    # FPR = FNR = 1/N; any better rule has FPR = 0 or FNR = 0 and is discarded.
+    bulk = 0.1 * np.arange(num_models - 1)
+    low_bank = np.append(bulk, 50.0)  # lower median, range 50 (the peakier bank)
+    high_bank = np.append(bulk + 20.0, -30.0)
+    for unlearned, retrained in [(low_bank, high_bank), (high_bank, low_bank)]:
+        eps = per_example_epsilons(unlearned[:, None], retrained[:, None])[0]
+        assert eps == pytest.approx(math.log(num_models * (1 - DELTA) - 1), abs=1e-4)
+
+
+def test_constant_banks():
+    equal = np.full((10, 1), 3.0)
+    assert per_example_epsilons(equal, equal.copy())[0] == 0.0
+    assert per_example_epsilons(equal, equal + 1.0)[0] == 50.0
+    assert per_example_epsilons_reference(equal, equal.copy())[0] == 0.0
+    assert per_example_epsilons_reference(equal, equal + 1.0)[0] == 50.0
+    assert forget_quality(equal, equal.copy()) == 1.0
+
+
+def test_example_scores_buckets():
+    eps = np.array([0.0, 0.49, 0.5, 1.0, 4.5, 4.99, 5.0, 50.0])
+    np.testing.assert_array_equal(
+        example_scores(eps, 100), [1.0, 1.0, 0.5, 0.25, 2.0**-9, 2.0**-9, 0.0, 0.0]
+    )
+    # N = 512: ceil(ln 511) = 7, last bucket [6.5, 7)
+    np.testing.assert_array_equal(example_scores([6.5, 6.99, 7.0], 512), [2.0**-13, 2.0**-13, 0.0])
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(4)
+    unlearned = np.round(rng.normal(0.0, 1.0, (12, 6)), 1)
+    retrained = rng.normal(0.5, 1.0, (12, 6))
+    logits = rng.normal(0.0, 3.0, (8, 5)).astype(np.float32)
+    targets = rng.integers(0, 5, 8)
+    copies = [a.copy() for a in (unlearned, retrained, logits, targets)]
+    for array in (unlearned, retrained, logits, targets):
+        array.setflags(write=False)  # any in-place write would raise
+    per_example_epsilons(unlearned, retrained)
+    per_example_epsilons_reference(unlearned, retrained)
+    eps = per_example_epsilons(unlearned, retrained)
+    eps.setflags(write=False)
+    example_scores(eps, 12)
+    forget_quality(unlearned, retrained)
+    calibrated_ceiling(retrained, repeats=1)
+    bootstrap_forget_quality(unlearned, retrained, num_resamples=3)
+    logit_scaled_confidence(logits, targets)
+    for array, copy in zip((unlearned, retrained, logits, targets), copies):
+        np.testing.assert_array_equal(array, copy)
+
+
+# --- Ceiling and bootstrap ------------------------------------------------------------------------
+def test_calibrated_ceiling_is_seeded_and_reports_its_n():
+    rng = np.random.default_rng(5)
+    retrained = rng.normal(0.0, 1.0, (41, 30))
+    first = calibrated_ceiling(retrained, seed=3, repeats=2)
+    assert first == calibrated_ceiling(retrained, seed=3, repeats=2)
+    assert first != calibrated_ceiling(retrained, seed=4, repeats=2)
+    assert first["num_models"] == 20
+    assert first["seed"] == 3
+    assert len(first["per_split"]) == 2
+    assert first["forget_quality"] == pytest.approx(np.mean(first["per_split"]))
+    json.dumps(first)  # goes into the score report as it is
+    too_few = calibrated_ceiling(retrained[:5])  # halves of 2 models: H is undefined
+    assert math.isnan(too_few["forget_quality"]) and too_few["per_split"] == []
+
+
+def test_bootstrap_interval_is_seeded_and_ordered():
+    rng = np.random.default_rng(6)
+    unlearned = rng.normal(0.3, 1.0, (30, 25))
+    retrained = rng.normal(0.0, 1.0, (30, 25))
+    low, high = bootstrap_forget_quality(unlearned, retrained, num_resamples=20, seed=1)
+    assert 0.0 <= low <= high <= 1.0
+    assert (low, high) == bootstrap_forget_quality(unlearned, retrained, num_resamples=20, seed=1)
+    wider = bootstrap_forget_quality(unlearned, retrained, num_resamples=20, seed=1, level=0.99)
+    assert wider[0] <= low and wider[1] >= high
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_forget_quality(unlearned, retrained, level=1.0)
+
+
+# --- Input checks ---------------------------------------------------------------------------------
+def test_bad_inputs_are_refused():
+    good = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="same forget examples"):
+        per_example_epsilons(good, np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="finite"):
+        per_example_epsilons(good, np.full((5, 3), np.nan))
+    with pytest.raises(ValueError, match=r"\[num_models, num_examples\]"):
+        per_example_epsilons(np.zeros(5), good)
+    with pytest.raises(ValueError, match="same number of models"):
+        forget_quality(good, np.zeros((6, 3)))
+    with pytest.raises(ValueError, match="at least one forget example"):
+        forget_quality(np.zeros((5, 0)), np.zeros((5, 0)))
+    with pytest.raises(ValueError, match="targets"):
+        logit_scaled_confidence(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_method_share_of_the_ceiling_is_like_for_like():
+    rng = np.random.default_rng(11)
+    retrained = rng.normal(0.0, 1.0, size=(40, 150))
+    same = rng.normal(0.0, 1.0, size=(40, 150))
+    shifted = rng.normal(2.0, 1.0, size=(40, 150))  # at N = 20, a 1 sd shift keeps half of F
+    perfect = calibrated_ceiling(retrained, unlearned=same, seed=0, repeats=3)
+    poor = calibrated_ceiling(retrained, unlearned=shifted, seed=0, repeats=3)
+    # The same splits of the reference models: the ceiling does not depend on the method.
+    assert perfect["per_split"] == poor["per_split"]
+    assert perfect["num_models"] == 20
+    assert 0.75 <= perfect["share"] <= 1.3, perfect
+    assert poor["share"] < 0.3, poor
+    assert poor["method_forget_quality"] == pytest.approx(poor["share"] * poor["forget_quality"])
+
+
+def test_bootstrap_interval_sits_around_f_despite_resampling_ties():
+    rng = np.random.default_rng(12)
+    retrained = rng.normal(0.0, 1.0, size=(60, 100))
+    unlearned = rng.normal(0.3, 1.0, size=(60, 100))
+    f = forget_quality(unlearned, retrained)
+    low, high = bootstrap_forget_quality(unlearned, retrained, num_resamples=30, seed=0)
+    assert low <= f <= high
+    assert 0 < high - low < 0.1
