@@ -57,7 +57,10 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
         row("forget quality F", lambda r: _fmt(r["forget_quality"], 4))
         row("F 95% interval", lambda r: "[{}, {}]".format(
             *(_fmt(v, 4) for v in r["forget_quality_interval"])))
-        row("ceiling (retrain vs retrain)", lambda r: _fmt(r["ceiling"]["forget_quality"], 4))
+        row("F at N/2 / ceiling at N/2", lambda r: "{} / {}".format(  # same N: comparable
+            _fmt(r["ceiling"]["method_forget_quality"], 4),
+            _fmt(r["ceiling"]["forget_quality"], 4)))
+        row("share of the ceiling", lambda r: _fmt(r["ceiling"]["share"], 2))
         row("final score", lambda r: _fmt(r["final_score"], 4))
         row("final score, ratios capped at 1", lambda r: _fmt(r["final_score_clipped"], 4))
     if any("seed_metric" in r for r in reports):

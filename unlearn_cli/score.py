@@ -21,6 +21,7 @@ from .store import ORIGINAL, REFERENCE, UNLEARNED, Store, now, versions
 SCHEMA = "unlearn.report/1"
 RUNTIME_GATE = 0.2  # the challenge rejected methods slower than ~20% of retraining
 METRICS = ("official", "seed", "all")
+MIN_MODELS = 3  # per bank: below this the buckets of H are empty (ceil(ln(N - 1)) = 0)
 
 
 def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = None
@@ -63,7 +64,9 @@ def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, se
     n = u_conf.shape[0]
     scores = metrics.example_scores(eps, n)
     fq = float(np.mean(scores))
-    ceiling = metrics.calibrated_ceiling(r_conf, seed=seed)
+    # Like for like: the ceiling is F at N // 2 (two halves of the references), so the method is
+    # also scored at N // 2 against the same reference halves; `share` compares those two.
+    ceiling = metrics.calibrated_ceiling(r_conf, unlearned=u_conf, seed=seed)
     out: dict[str, Any] = {
         "forget_quality": fq,
         "epsilon": eps,
@@ -92,6 +95,12 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
         raise StoreError(f"store {store.root} has no runs of method {method!r}; run "
                          f"`unlearn apply --method {method} --store {store.root}` first")
     n = min(len(ref_seeds), len(unl_seeds))
+    if n < MIN_MODELS:
+        raise StoreError(
+            f"the official metric needs at least {MIN_MODELS} models per bank; store {store.root} "
+            f"has {len(ref_seeds)} reference model(s) and {len(unl_seeds)} run(s) of {method!r}: "
+            f"run `unlearn train-refs --num-models {MIN_MODELS}` and `unlearn apply` again"
+        )
     refs = _bank(store, REFERENCE, ref_seeds[:n])
     unl = _bank(store, UNLEARNED, unl_seeds[:n], method)
     forget_y, test_y = split["forget_labels"], split["test_labels"]
@@ -140,7 +149,7 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
         report["forget_quality"] = fq
         report["forget_quality_interval"] = part.get("interval")
         report["ceiling"] = ceiling
-        report["reading"] = reading(fq, ceiling["forget_quality"], n)
+        report["reading"] = reading(ceiling)
         report["final_score"] = fq * ra * ta
         report["final_score_clipped"] = fq * min(ra, 1.0) * min(ta, 1.0)
         report["per_example"] = {
@@ -192,24 +201,29 @@ def seed_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
     }
 
 
-def reading(fq: float, ceiling: float, n: int) -> str:
-    """One line that tells a user how to read F."""
-    if not np.isfinite(ceiling) or ceiling <= 0:
-        return f"F = {fq:.3f} at N = {n}; no ceiling could be estimated"
-    share = fq / ceiling
+def reading(ceiling: dict[str, Any]) -> str:
+    """One line that tells a user how to read F: its share of the ceiling, at matched N."""
+    share, half = ceiling.get("share", float("nan")), ceiling["num_models"]
+    if not np.isfinite(share):
+        return (f"no ceiling at N = {half} per half-bank (at least 6 reference models are "
+                "needed); compare F only with other methods at the same N")
     verdict = (
         "indistinguishable from retraining" if share >= 0.9
         else "partly forgets" if share >= 0.3
         else "barely forgets" if share > 0.05
         else "does not forget"
     )
-    return (f"F is {share:.2f} of what a perfect unlearner scores at N = {n} "
-            f"(ceiling {ceiling:.3f}): {verdict}")
+    return (f"F is {share:.2f} of what a perfect unlearner scores at N = {half} "
+            f"({ceiling['method_forget_quality']:.3f} vs ceiling {ceiling['forget_quality']:.3f}, "
+            f"same reference halves): {verdict}")
 
 
 def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric: str = "official",
         bootstrap: int = 100, seed: int = 0) -> list[dict[str, Any]]:
     """Score the named methods (all stored ones by default); one report per method."""
+    if bootstrap == 1 or bootstrap < 0:
+        raise UnlearnError(f"--bootstrap {bootstrap}: expected 0 (no interval) or at least 2 "
+                           "resamples, e.g. --bootstrap 100")
     if metric not in METRICS:
         raise UnlearnError(f"--metric {metric!r} is not known; expected one of: "
                            f"{', '.join(METRICS)}")
