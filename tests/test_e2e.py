@@ -168,3 +168,29 @@ def test_the_readme_plugin_example_runs(trained_store, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert Store(root).done_seeds(UNLEARNED, spec) == [1_000_000, 1_000_001]
     assert Store(root).method_record(spec)["params"] == {"lr": 0.05}
+
+
+def test_metric_all_adds_the_seed_variant_and_the_simple_mia(trained_store):
+    (rep,) = score.run(trained_store, methods=["finetune"], metric="all", bootstrap=0)
+    seed = rep["seed_metric"]
+    assert set(seed) == {"score", "dropped", "above_one", "attack_accuracy",
+                         "simple_mia_accuracy"}
+    assert 0.0 <= seed["attack_accuracy"] <= 1.0 and 0.0 <= seed["simple_mia_accuracy"] <= 1.0
+    assert 0 <= seed["dropped"] <= rep["num_forget_examples"]
+    (seed_only,) = score.run(trained_store, methods=["finetune"], metric="seed", bootstrap=0)
+    assert "forget_quality" not in seed_only and seed_only["seed_metric"] == seed
+
+
+def test_score_refuses_too_few_models_and_bad_bootstrap(trained_store, tmp_path):
+    import shutil
+
+    from unlearn_cli.errors import StoreError, UnlearnError
+
+    with pytest.raises(UnlearnError, match="--bootstrap 1"):
+        score.run(trained_store, bootstrap=1)
+    root = tmp_path / "few"
+    shutil.copytree(trained_store, root)
+    for seed in range(2, 6):
+        shutil.rmtree(root / "reference" / f"seed-{seed:06d}")
+    with pytest.raises(StoreError, match="at least 3 models per bank"):
+        score.run(root, methods=["finetune"])
