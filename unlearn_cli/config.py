@@ -25,17 +25,23 @@ DEFAULT_CONFIG = CONFIG_DIR / "digits.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits (bundled with scikit-learn)
+    dataset: str = "digits"  # digits (bundled with scikit-learn) | cifar10 (from root)
     root: str = "data"  # folder for datasets that live on disk; unused by digits
-    test_fraction: float = 0.25  # share of all examples held out as the test set, stratified
+    download: bool = False  # cifar10: download into root if missing (needs internet)
+    # Share of all examples held out as the test set, stratified. Digits only: cifar10 has a fixed
+    # test set (test_batch).
+    test_fraction: float = 0.25
     forget_size: float = 0.1  # forget set: a count (>= 1) or a fraction of train (< 1)
     split_seed: int = 0  # seeds the train/test split and the choice of the forget set
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mlp"  # mlp
-    hidden: tuple[int, ...] = (128,)  # hidden layer widths, units
+    arch: str = "mlp"  # mlp | resnet18 (CIFAR form) | fastnet (airbench-style conv net)
+    hidden: tuple[int, ...] = (128,)  # mlp: hidden layer widths, units
+    # Channels per stage; empty = the architecture's own: resnet18 [64, 128, 256, 512],
+    # fastnet [64, 256, 256]. Smaller values make tiny test models.
+    widths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # L2, applied by SGD
     engine: str = "auto"  # auto | ensemble (many models as one batched model) | loop (one by one)
+    nesterov: bool = True  # Nesterov momentum; false = classical momentum (torch.optim.SGD's)
+    schedule: str = "cosine"  # cosine (to 0) | triangle (airbench: 0.2x -> 1x at 23% -> 0.07x)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 = off
+    drop_last: bool = False  # skip each epoch's last partial batch (fixed shapes for compile)
+    crop_padding: int = 0  # pixels of zero padding before a random crop back to size; 0 = off
+    flip: bool = False  # random horizontal flip of each training image
+    # Speed only; ignored on CPU, where training stays plain float32 and eager.
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; weights, BatchNorm stay fp32)
+    channels_last: bool = False  # NHWC memory layout on CUDA (faster convolutions in bf16/fp16)
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune: torch.compile on CUDA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +178,13 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key}: expected {what}, got {value!r}")
 
     d, t, m, launch = cfg.data, cfg.train, cfg.model, cfg.launch
-    need(d.dataset in ("digits",), "data.dataset", "one of: digits", d.dataset)
+    need(d.dataset in ("digits", "cifar10"), "data.dataset", "one of: digits, cifar10",
+         d.dataset)
     need(0 < d.test_fraction < 1, "data.test_fraction", "a fraction between 0 and 1",
+         d.test_fraction)
+    need(d.dataset == "digits" or d.test_fraction == DataConfig.test_fraction,
+         "data.test_fraction",
+         f"no value for {d.dataset}, whose test set is fixed (remove the key)",
          d.test_fraction)
     need(
         0 < d.forget_size < 1 or (d.forget_size >= 1 and float(d.forget_size).is_integer()),
@@ -171,8 +192,16 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         "a fraction in (0, 1) or a whole count >= 1",
         d.forget_size,
     )
-    need(m.arch in ("mlp",), "model.arch", "one of: mlp", m.arch)
+    need(m.arch in ("mlp", "resnet18", "fastnet"), "model.arch",
+         "one of: mlp, resnet18, fastnet", m.arch)
     need(all(h >= 1 for h in m.hidden), "model.hidden", "widths >= 1", list(m.hidden))
+    stages = {"mlp": 0, "resnet18": 4, "fastnet": 3}.get(m.arch, 0)
+    need(len(m.widths) in ((0, stages) if stages else (0,)) and all(w >= 1 for w in m.widths),
+         "model.widths",
+         f"{stages} widths >= 1 for {m.arch} (or none)" if stages else f"none for {m.arch}",
+         list(m.widths))
+    need(m.arch == "mlp" or d.dataset == "cifar10", "model.arch",
+         f"an architecture for {d.dataset} (mlp); {m.arch} needs 3x32x32 images (cifar10)", m.arch)
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "a number > 0", t.lr)
@@ -181,6 +210,18 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(
         t.engine in ("auto", "ensemble", "loop"), "train.engine", "auto, ensemble or loop", t.engine
     )
+    need(t.schedule in ("cosine", "triangle"), "train.schedule", "cosine or triangle", t.schedule)
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "a number in [0, 1)",
+         t.label_smoothing)
+    need(t.crop_padding >= 0, "train.crop_padding", "an integer >= 0 (0 = no random crop)",
+         t.crop_padding)
+    need((t.crop_padding == 0 and not t.flip) or d.dataset == "cifar10", "train.crop_padding",
+         f"0 and train.flip false for {d.dataset} (crop and flip need images)",
+         f"crop_padding={t.crop_padding}, flip={t.flip}")
+    need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
+         t.precision)
+    need(t.compile in ("none", "default", "reduce-overhead", "max-autotune"), "train.compile",
+         "none, default, reduce-overhead or max-autotune", t.compile)
     need(launch.workers >= 0, "launch.workers", "an integer >= 0 (0 = automatic)", launch.workers)
     need(launch.workers_per_gpu >= 1, "launch.workers_per_gpu", "an integer >= 1",
          launch.workers_per_gpu)

@@ -54,7 +54,8 @@ def _context(store_root: str, cfg_json: str, device: str) -> Context:
         split_hash=hash_split(split),
         x=dataset.x.to(dev),
         y=dataset.y.to(dev),
-        spec=model_spec(cfg.model, dataset.input_shape, dataset.num_classes),
+        spec=model_spec(cfg.model, dataset.input_shape, dataset.num_classes, mean=dataset.mean,
+                        std=dataset.std),
         num_classes=dataset.num_classes,
         device=dev,
     )

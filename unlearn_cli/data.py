@@ -1,8 +1,21 @@
 """Datasets and the seeded train/test/forget/retain split.
 
-A dataset is held whole in memory as tensors: `x` float32 [num_examples, *input_shape] and `y` int64
-[num_examples]. The split is a dict of index arrays into it; it is made once per experiment and kept
-in the store, so every model of an experiment sees exactly the same forget and retain sets.
+A dataset is held whole in memory as tensors in its stored form: `x` [num_examples, *input_shape]
+and `y` int64 [num_examples]. For digits, `x` is float32 in [0, 1] [n, 64]; for CIFAR-10 it is the
+raw uint8 pixels [n, 3, 32, 32] (NCHW), 184 MB for all 60,000 images, which fits on any GPU and
+is 4x smaller than float32.
+
+The data -> model contract: a model takes batches of `x` exactly as stored. Image models begin with
+a normalisation layer (`models.Normalize`, built from `Dataset.mean`/`std` and kept in the model
+spec) that turns uint8 pixels into normalised float32, so `train_refs`, `apply`, every unlearning
+method and `per_sample_outputs` all pass raw batches, and a checkpoint is usable on its own.
+Augmentation (random crop, flip) is not part of the model: it is a `training.fit` option that the
+train section's recipe turns on, applied to raw uint8 batches on the data's device.
+
+The split is a dict of index arrays into the dataset; it is made once per experiment and kept in
+the store, so every model of an experiment sees exactly the same forget and retain sets. Digits has
+one pool that is split into train/test (stratified, `data.test_fraction`); CIFAR-10 has a fixed
+test set (`test_batch`), stored last, so `data.test_fraction` does not apply to it.
 """
 
 from __future__ import annotations
@@ -16,13 +29,21 @@ import numpy as np
 from .config import DataConfig
 from .errors import DataError
 
+DATASETS = ("digits", "cifar10")
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     name: str
-    x: torch.Tensor  # noqa: F821  float32 [num_examples, *input_shape]
+    x: torch.Tensor  # noqa: F821  [num_examples, *input_shape], the stored form (see above)
     y: torch.Tensor  # noqa: F821  int64 [num_examples]
     num_classes: int
+    # Examples at the end of x that form a fixed test set; 0 = none (drawn by data.test_fraction).
+    test_count: int = 0
+    # Per-channel mean and std of raw pixel values, for the model's normalisation layer; None for
+    # data that is stored ready to use (digits).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -40,7 +61,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         x = torch.tensor(pixels / 16.0, dtype=torch.float32)
         y = torch.tensor(labels, dtype=torch.int64)
         return Dataset("digits", x, y, num_classes=10)
-    raise DataError(f"unknown dataset {cfg.dataset!r}; expected one of: digits")
+    if cfg.dataset == "cifar10":
+        from . import cifar
+
+        images, labels, test_count = cifar.load(cfg.root, allow_download=cfg.download)
+        return Dataset("cifar10", torch.from_numpy(images), torch.from_numpy(labels),
+                       num_classes=cifar.NUM_CLASSES, test_count=test_count, mean=cifar.MEAN,
+                       std=cifar.STD)
+    raise DataError(f"unknown dataset {cfg.dataset!r}; expected one of: {', '.join(DATASETS)}")
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -89,14 +117,27 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
     return train, test
 
 
-def make_split(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Seeded stratified train/test split, then a seeded random forget set inside train.
+def fixed_test_count(cfg: DataConfig) -> int:
+    """How many examples at the end of the dataset form its fixed test set (0: none)."""
+    if cfg.dataset == "digits":
+        return 0
+    return load_dataset(cfg).test_count  # cached: the caller has just loaded it
 
+
+def make_split(labels: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """The train/test split, then a seeded random forget set inside train.
+
+    Train/test is the dataset's fixed split where it has one (CIFAR-10: the last `test_count`
+    examples are the test set), else a seeded stratified split by `cfg.test_fraction` (digits).
     labels: int [num_examples]. Returns int64 index arrays `train`, `test`, `forget`, `retain`
     (each sorted; forget and retain partition train).
     """
     labels = np.asarray(labels)
-    train, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    fixed = fixed_test_count(cfg)
+    if fixed:
+        train, test = np.arange(len(labels) - fixed), np.arange(len(labels) - fixed, len(labels))
+    else:
+        train, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     forget_count = (
         int(round(cfg.forget_size * len(train))) if cfg.forget_size < 1 else int(cfg.forget_size)
     )

@@ -51,10 +51,9 @@ def choose_engine(cfg: Config, device: str) -> str:
         return cfg.train.engine
     if device != "cpu":
         return "loop"
-    from .models import build_model, model_spec, supports_ensemble
+    from .models import arch_supports_ensemble
 
-    spec = model_spec(cfg.model, (1,), 2)
-    return "ensemble" if supports_ensemble(build_model(spec)) else "loop"
+    return "ensemble" if arch_supports_ensemble(cfg.model.arch) else "loop"
 
 
 def run(
@@ -124,10 +123,15 @@ def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> l
 
 
 def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Train the models of one job and store each; runs in a worker process."""
+    """Train the models of one job and store each; runs in a worker process.
+
+    The worker keeps one model module per spec (`models.fresh_model`) and loads each seed's initial
+    weights into it, so a compiled model (train.compile) is compiled once per worker, by `warm_up`,
+    before the first timed model.
+    """
     from .context import Stopwatch, context, provenance, save_trained
-    from .models import init_model
-    from .training import fit, fit_ensemble, recipe
+    from .models import fresh_model, init_from_data, init_model
+    from .training import fit, fit_ensemble, recipe, warm_up
 
     ctx = context(payload, device)
     kind = payload["kind"]
@@ -139,13 +143,20 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         return
     seed_of = (lambda s: ORIGINAL_SEED) if kind == ORIGINAL else (lambda s: s)
 
+    def train_alone(seed: int) -> tuple[Any, float]:
+        model = fresh_model(ctx.spec, seed, ctx.device)
+        if warm_up(model, x, y, **options):  # compiled it just now: start again from the init
+            model = fresh_model(ctx.spec, seed, ctx.device)
+        with Stopwatch(ctx.device) as watch:
+            init_from_data(model, x)  # data-dependent layers (fastnet's whitening), from x only
+            fit(model, x, y, seed=seed, **options)
+        return model, watch.seconds
+
     # The first model of a job is always trained alone: its wall time is an honest "retrain from
     # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
     first, rest = seeds[0], seeds[1:]
-    model = init_model(ctx.spec, seed_of(first)).to(ctx.device)
-    with Stopwatch(ctx.device) as watch:
-        fit(model, x, y, seed=seed_of(first), **options)
-    meta = provenance(ctx, kind, seed_of(first), wall_seconds=watch.seconds, timing="sequential",
+    model, seconds = train_alone(seed_of(first))
+    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, timing="sequential",
                       engine="loop")
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     progress(1)
@@ -163,10 +174,8 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             progress(1)
         return
     for seed in rest:
-        model = init_model(ctx.spec, seed).to(ctx.device)
-        with Stopwatch(ctx.device) as watch:
-            fit(model, x, y, seed=seed, **options)
-        meta = provenance(ctx, kind, seed, wall_seconds=watch.seconds, timing="sequential",
+        model, seconds = train_alone(seed)
+        meta = provenance(ctx, kind, seed, wall_seconds=seconds, timing="sequential",
                           engine="loop")
         save_trained(ctx, kind, seed, model, meta)
         progress(1)
