@@ -67,10 +67,9 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_section_hash_tracks_reference_sections():
+def test_identity_hash_tracks_what_defines_the_models():
     a = load_config(None)
-    b = load_config(None, ["method.finetune.epochs=9", "launch.workers=3"])
+    b = load_config(None, ["method.finetune.epochs=9", "launch.workers=3", "data.root=/else"])
     c = load_config(None, ["train.epochs=9"])
-    sections = ("data", "model", "train")
-    assert a.section_hash(*sections) == b.section_hash(*sections)
-    assert a.section_hash(*sections) != c.section_hash(*sections)
+    assert a.identity_hash() == b.identity_hash()
+    assert a.identity_hash() != c.identity_hash()

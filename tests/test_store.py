@@ -85,6 +85,21 @@ def test_incompatible_config_is_refused_naming_the_difference(tmp_path):
         s.init_experiment(load_config(None), other)
 
 
+def test_moved_data_and_keys_added_later_keep_a_store_compatible(tmp_path):
+    import json
+
+    s = Store(tmp_path)
+    s.init_experiment(load_config(None), _split())
+    s.check_compatible(load_config(None, ["data.root=/mnt/elsewhere"]))
+    # A store written before train.nesterov existed: the missing key counts as its default.
+    exp = json.loads(s.experiment_file.read_text())
+    del exp["config"]["train"]["nesterov"]
+    s.experiment_file.write_text(json.dumps(exp))
+    s.check_compatible(load_config(None))
+    with pytest.raises(StoreError, match="train.nesterov: True -> False"):
+        s.check_compatible(load_config(None, ["train.nesterov=false"]))
+
+
 def test_damaged_files_are_reported(tmp_path):
     s = Store(tmp_path)
     path = s.model_dir(UNLEARNED, 1_000_000, "finetune") / "outputs.npz"

@@ -89,15 +89,26 @@ class Config:
         """The resolved config as plain JSON-able data (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def section_hash(self, *sections: str) -> str:
-        """A short stable hash of the named sections, e.g. ("data", "model", "train")."""
-        full = self.to_dict()
-        blob = json.dumps({s: full[s] for s in sections}, sort_keys=True)
+    def identity_hash(self) -> str:
+        """A short stable hash of what defines the experiment (see `identity`)."""
+        blob = json.dumps(identity(self.to_dict()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # The sections that define the reference models: a store made under other values is incompatible.
 REFERENCE_SECTIONS = ("data", "model", "train")
+# Keys in those sections that say where data lives or how to fetch it, not what the models are:
+# moving the data folder must not make a store incompatible.
+NOT_IDENTITY = {"data": ("root", "download")}
+
+
+def identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (as `Config.to_dict()`) that defines an experiment."""
+    out = {}
+    for section in REFERENCE_SECTIONS:
+        skip = NOT_IDENTITY.get(section, ())
+        out[section] = {k: v for k, v in config.get(section, {}).items() if k not in skip}
+    return out
 
 _SECTIONS = {
     "data": DataConfig,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import REFERENCE_SECTIONS, Config, from_mapping
+from .config import Config, from_mapping
 from .data import load_dataset
 from .models import model_spec
 from .store import Store, hash_split, now, versions
@@ -70,7 +70,7 @@ def provenance(ctx: Context, kind: str, seed: int, **extra: Any) -> dict[str, An
     return {
         "kind": kind,
         "seed": int(seed),
-        "config_hash": ctx.cfg.section_hash(*REFERENCE_SECTIONS),
+        "config_hash": ctx.cfg.identity_hash(),
         "split_hash": ctx.split_hash,
         "device": str(ctx.device),
         "versions": versions(),

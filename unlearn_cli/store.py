@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import REFERENCE_SECTIONS, Config, diff_sections
-from .errors import StoreError
+from .config import Config, diff_sections, from_mapping, identity
+from .errors import StoreError, UnlearnError
 
 SCHEMA = "unlearn.store/1"
 TMP_MARK = ".tmp-"
@@ -178,7 +178,7 @@ class Store:
             {
                 "schema": SCHEMA,
                 "config": cfg.to_dict(),
-                "config_hash": cfg.section_hash(*REFERENCE_SECTIONS),
+                "config_hash": cfg.identity_hash(),
                 "split_hash": split_hash,
                 "versions": versions(),
                 "created": now(),
@@ -188,12 +188,16 @@ class Store:
     def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
         """Refuse a store made under other data/model/train settings, naming the differences."""
         exp = self.read_experiment()
-        stored = exp.get("config", {})
-        new = cfg.to_dict()
-        diffs = diff_sections(
-            {s: stored.get(s, {}) for s in REFERENCE_SECTIONS},
-            {s: new[s] for s in REFERENCE_SECTIONS},
-        )
+        try:
+            # Through the current defaults: a key added since the store was made counts as its
+            # default, so older stores stay usable.
+            stored = from_mapping(exp.get("config", {})).to_dict()
+        except UnlearnError as exc:
+            raise StoreError(
+                f"store {self.root} was made by another version of unlearn and its config no "
+                f"longer validates ({exc}); use a new --store"
+            ) from None
+        diffs = diff_sections(identity(stored), identity(cfg.to_dict()))
         if diffs:
             raise StoreError(
                 f"store {self.root} was made under a different config ({'; '.join(diffs)}); "
