@@ -36,5 +36,9 @@ bench: install
 	$(BIN)/python benchmarks/bench_attacks.py
 	$(BIN)/python benchmarks/bench_demo.py
 
+## GPU tests + GPU benchmark in <= 8 minutes; results in $$UNLEARN_BENCH_OUT (default benchmarks/out)
+bench-gpu: install
+	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
+
 clean:
 	rm -rf runs report.json .pytest_cache benchmarks/out
