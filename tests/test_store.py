@@ -52,6 +52,12 @@ def test_atomic_write_leaves_old_file_on_crash(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["f.bin"]  # the temp file was removed
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    target = tmp_path / "report.json"
+    atomic_write_bytes(target, b"{}")
+    assert target.stat().st_mode & 0o777 == store_mod.FILE_MODE
+
+
 def test_temp_files_of_killed_runs_are_cleaned(tmp_path):
     s = Store(tmp_path)
     leftover = tmp_path / "reference" / "seed-000001" / ".outputs.npz.tmp-abc"

@@ -82,12 +82,23 @@ def method_dir_name(method: str) -> str:
 # ---------------------------------------------------------------- atomic writes
 
 
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (mkstemp's 0600 would hide results)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically: temp file in the same folder, fsync, os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
