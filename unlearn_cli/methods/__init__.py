@@ -3,6 +3,15 @@
 `--method NAME` picks a built-in method; `--method pkg.module:fn` or `--method path/to/file.py:fn`
 loads a plugin function with the signature documented in `api.py`. A plugin's hyperparameters are
 `method.<fn>.*` in the config and reach it as a plain dict.
+
+Defaults of the built-in methods come from each paper or its authors' code for CIFAR-10
+ResNet-18; each file cites its source and marks what digits needed changed. The values that do
+not carry over from a ResNet to the digits MLP (mostly learning rates, which depend on the model
+and the optimizer) were calibrated once on the digits default by one rule: from a small grid, the
+value whose runs leave the forget examples as confident, on average, as the retrained models
+(mean logit-scaled confidence 5.5; the original model: 5.8), among values that keep the mean
+test accuracy within 1 point of the original's. Measured with 20 runs against 20 reference
+models; the rule looks at confidences and accuracies, never at the score F.
 """
 
 from __future__ import annotations
@@ -17,7 +26,20 @@ from typing import Any
 
 from ..config import Config, build_dataclass
 from ..errors import ConfigError, MethodError
-from . import finetune, none, reset_head
+from . import (
+    bad_teacher,
+    finetune,
+    l1_sparse,
+    neggrad,
+    neggrad_plus,
+    none,
+    random_label,
+    reset_head,
+    retrain,
+    salun,
+    scrub,
+    ssd,
+)
 from .api import UnlearnData
 
 __all__ = ["REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
@@ -35,11 +57,36 @@ class Method:
 REGISTRY: dict[str, Method] = {
     "none": Method("none", none.unlearn, none.Params,
                    "return the original model unchanged (the floor: scores 0)", "none"),
+    "retrain": Method("retrain", retrain.unlearn, retrain.Params,
+                      "train from scratch on retain, as the references were (the oracle)",
+                      "retrain"),
     "finetune": Method("finetune", finetune.unlearn, finetune.Params,
                        "fine-tune the original model on the retain set", "finetune"),
     "reset-head": Method("reset-head", reset_head.unlearn, reset_head.Params,
                          "re-initialise the classifier head, then fine-tune on retain",
                          "reset-head"),
+    "neggrad": Method("neggrad", neggrad.unlearn, neggrad.Params,
+                      "gradient ascent on the forget set's loss (NegGrad)", "neggrad"),
+    "neggrad-plus": Method("neggrad-plus", neggrad_plus.unlearn, neggrad_plus.Params,
+                           "descend on retain, ascend on forget (NegGrad+, Kurmanji 2023)",
+                           "neggrad-plus"),
+    "random-label": Method("random-label", random_label.unlearn, random_label.Params,
+                           "fine-tune on forget with random wrong labels, mixed with retain",
+                           "random-label"),
+    "scrub": Method("scrub", scrub.unlearn, scrub.Params,
+                    "obey the original on retain, disobey it on forget (SCRUB, 2023)",
+                    "scrub"),
+    "salun": Method("salun", salun.unlearn, salun.Params,
+                    "random labels on the forget-salient weights only (SalUn, 2024)",
+                    "salun"),
+    "l1-sparse": Method("l1-sparse", l1_sparse.unlearn, l1_sparse.Params,
+                        "fine-tune on retain with a decaying l1 penalty (Jia 2023)", "l1-sparse"),
+    "bad-teacher": Method("bad-teacher", bad_teacher.unlearn, bad_teacher.Params,
+                          "distil the original on retain, a random net on forget (2023)",
+                          "bad-teacher"),
+    "ssd": Method("ssd", ssd.unlearn, ssd.Params,
+                  "shrink weights that matter far more to forget than to all (SSD)",
+                  "ssd"),
 }
 
 
@@ -117,6 +164,11 @@ def method_params(method: Method, cfg: Config) -> Any:
     raw: Mapping[str, Any] = cfg.method.get(method.name, {})
     if method.params is None:
         return dict(raw)
+    if raw and not dataclasses.fields(method.params):
+        raise ConfigError(
+            f"method.{method.name}: {method.name} takes no hyperparameters, got "
+            f"{', '.join(sorted(raw))}; remove the method.{method.name} section"
+        )
     problems: list[str] = []
     params = build_dataclass(method.params, raw, f"method.{method.name}", problems)
     if problems:

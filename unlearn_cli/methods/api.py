@@ -8,12 +8,17 @@
 - params: the method's hyperparameters (`method.<name>.*` in the config): a frozen dataclass for the
   built-in methods, a plain dict for plugins;
 - device: a `torch.device`; seed: an int that must decide all of the method's randomness.
+
+Below it, small helpers the built-in methods share: `child_seed` (independent random streams of a
+run), `reinitialise` (fresh weights from a seed) and `logits` (outputs without gradients, in
+chunks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +31,13 @@ class UnlearnData:
     retain_x: torch.Tensor  # [R, *input_shape]
     retain_y: torch.Tensor  # [R] int64
     num_classes: int
+    # How the reference models were made, for methods that train from scratch (`retrain`): the
+    # model spec (`models.model_spec`) and the `train` section as `training.fit` keyword
+    # arguments (`training.recipe`). None when the caller does not pass them; `retrain` then
+    # re-initialises the given model in place and uses the train section's defaults (the digits
+    # recipe).
+    model_spec: Mapping[str, Any] | None = None
+    train_recipe: Mapping[str, Any] | None = None
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in ("forget", "retain"):
@@ -50,9 +62,36 @@ class UnlearnData:
 def child_seed(seed: int, stream: int) -> int:
     """A seed for one independent random stream of a run, derived from the run's `seed`.
 
-    Methods that need several streams (data order, random labels, a random teacher) take stream
-    0, 1, 2, ... so that no stream of run i repeats a stream of run j (seeds i + 1 and j are
-    different runs under `apply`). numpy's SeedSequence mixes (seed, stream) into 63 bits.
+    Methods that need several streams (data order, random labels, a random teacher) number them
+    0, 1, 2, ... Offsetting the seed instead would not do: `seed + 1` is the next run's seed under
+    `apply`, so that run would replay this one's stream. numpy's SeedSequence hashes (seed, stream)
+    into 63 bits.
     """
     state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
     return int(state) & (2**63 - 1)
+
+
+def reinitialise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Draw fresh initial weights for every layer of `model` in place, from `seed` alone.
+
+    Calls each module's own `reset_parameters` in module order under `torch.manual_seed(seed)`,
+    which replays what building the model does when those calls are its whole initialisation:
+    for the MLP the result equals `models.init_model(spec, seed)`; models with initialisation of
+    their own (fastnet's identity convolutions and data-set whitening) get PyTorch's defaults
+    instead. The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return model
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """The model's outputs [n, C] on x [n, ...] in eval mode, without gradients, `batch_size`
+    examples per forward pass (a whole CIFAR-10 retain set at once would not fit in memory)."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
