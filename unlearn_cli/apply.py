@@ -141,10 +141,13 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
 
 def _method_data(ctx: Any) -> Any:
     from .methods.api import UnlearnData
+    from .training import recipe
 
     forget_x, forget_y = ctx.subset("forget")
     retain_x, retain_y = ctx.subset("retain")
-    return UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes)
+    # The spec and recipe of the reference models: `retrain` (the oracle) rebuilds them exactly.
+    return UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes,
+                       model_spec=ctx.spec, train_recipe=recipe(ctx.cfg.train))
 
 
 def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
