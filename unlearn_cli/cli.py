@@ -189,8 +189,8 @@ def train_refs_cmd(
 )
 @_boundary
 def apply_cmd(
-    method: Annotated[str, typer.Option("--method", "-m", help="A built-in method (none, "
-                                        "finetune, reset-head) or a plugin: pkg.module:fn or "
+    method: Annotated[str, typer.Option("--method", "-m", help="A built-in method (list: "
+                                        "`unlearn methods`) or a plugin: pkg.module:fn or "
                                         "path/to/file.py:fn.")],
     num_models: Annotated[Optional[int], typer.Option(
         "--num-models", "-n", help="Unlearning runs (default: the number of reference models).",
