@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import JobsFailed, MethodError, StoreError, UnlearnError
-from .launch import Job, JobOutcome, plan_slots, run_jobs
+from .errors import MethodError, StoreError, UnlearnError
+from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .methods import check_method_sections, is_plugin, method_params, resolve
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
@@ -93,14 +93,7 @@ def run(
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        raise JobsFailed(
-            f"{len(failed)} of {len(jobs)} unlearning jobs failed ("
-            + "; ".join(f"{o.id}: {o.error}" for o in failed[:3])
-            + ("; ..." if len(failed) > 3 else "")
-            + "); the finished runs are stored: fix the cause and rerun the same command"
-        )
+    raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
     return ApplyResult(store.root, method_spec, missing, reused, outcomes)
 

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import UnlearnError
+from .errors import JobsFailed, UnlearnError
 
 POLL_SECONDS = 0.25  # how often the parent checks that its workers are alive
 
@@ -286,6 +286,18 @@ def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> l
         proc.join(timeout=10)
     _stop(workers)
     return [outcomes[job.id] for job in jobs]
+
+
+def raise_failures(outcomes: Sequence[JobOutcome], *, what: str, kept: str) -> None:
+    """One JobsFailed naming the failed jobs (the first three), if any job failed."""
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise JobsFailed(
+            f"{len(failed)} of {len(outcomes)} {what} jobs failed ("
+            + "; ".join(f"{o.id}: {o.error}" for o in failed[:3])
+            + ("; ..." if len(failed) > 3 else "")
+            + f"); {kept}: fix the cause and rerun the same command"
+        )
 
 
 def _stop(workers: dict[int, tuple[Any, Any, Slot]]) -> None:

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .errors import JobsFailed
-from .launch import Job, JobOutcome, plan_slots, run_jobs
+from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -96,14 +95,7 @@ def run(
         if on_plan is not None:
             on_plan(count, len(done & set(range(num_models))) + int(not need_original))
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        raise JobsFailed(
-            f"{len(failed)} of {len(jobs)} training jobs failed ("
-            + "; ".join(f"{o.id}: {o.error}" for o in failed[:3])
-            + ("; ..." if len(failed) > 3 else "")
-            + "); the other models are stored: fix the cause and rerun the same command"
-        )
+    raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing, sorted(done), outcomes)
 
 
