@@ -15,3 +15,13 @@ def failing_job(payload, *, device, progress):
 
 def dying_job(payload, *, device, progress):
     os._exit(7)
+
+
+def exiting_job(payload, *, device, progress):
+    import sys
+
+    sys.exit(0)
+
+
+def vanishing_job(payload, *, device, progress):
+    os._exit(0)  # a clean exit code, but the job never finished

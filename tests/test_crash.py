@@ -92,3 +92,32 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid), "a worker outlived Ctrl-C"
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    """Only the parent is killed (OOM killer, `kill -9 PID`): no orphan goes on writing."""
+    store = tmp_path / "s"
+    proc = _start(store)
+    _wait_for_models(store, proc, 1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a worker outlived its parent"
+    files = _snapshot(store)
+    time.sleep(1.0)
+    assert _snapshot(store) == files, "something was written after the parent died"
+
+
+def test_sigterm_stops_the_workers_like_ctrl_c(tmp_path):
+    store = tmp_path / "s"
+    proc = _start(store)
+    _wait_for_models(store, proc, 1)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out.decode()
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid)

@@ -61,3 +61,18 @@ def test_bad_device_specs(monkeypatch):
     with pytest.raises(UnlearnError, match="no GPU is visible"):
         plan_slots("cuda", workers=0, workers_per_gpu=1, num_jobs=1)
     assert plan_slots("auto", workers=0, workers_per_gpu=1, num_jobs=1)[0].device == "cpu"
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_sys_exit_in_a_job_is_a_failure_not_a_hang(tmp_path, inline):
+    jobs = _jobs(tmp_path, ["exiting_job", "ok_job"])
+    outcomes = run_jobs(jobs, [Slot("cpu", {}, 1, "cpu#0")], inline=inline)
+    assert not outcomes[0].ok and "SystemExit" in outcomes[0].error
+    assert outcomes[1].ok
+
+
+def test_a_worker_exiting_cleanly_mid_job_fails_that_job(tmp_path):
+    jobs = _jobs(tmp_path, ["vanishing_job", "ok_job"])
+    outcomes = run_jobs(jobs, [Slot("cpu", {}, 1, "cpu#0")], inline=False)
+    assert not outcomes[0].ok and "died (exit code 0)" in outcomes[0].error
+    assert outcomes[1].ok

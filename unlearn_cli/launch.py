@@ -145,15 +145,43 @@ def run_job_here(job: Job, device: str, progress: Callable[[int], None]) -> JobO
     start = time.perf_counter()
     try:
         resolve_target(job.target)(job.payload, device=device, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - a failing job must not stop the others
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a failing job (even sys.exit) must not stop others
         msg = str(exc) if isinstance(exc, UnlearnError) else _one_line(exc)
         return JobOutcome(job.id, False, time.perf_counter() - start, msg, traceback.format_exc())
     return JobOutcome(job.id, True, time.perf_counter() - start)
 
 
+def _die_with_parent() -> None:
+    """End this worker as soon as the parent is gone (kill -9, OOM killer, a scheduler's SIGTERM).
+
+    Otherwise an orphan would go on writing to a store whose lock died with the parent, beside a
+    rerun. Linux delivers SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a watchdog
+    thread covers other systems and the moment before prctl took effect.
+    """
+    import ctypes
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    parent = mp.parent_process()
+
+    def watch() -> None:
+        while parent is None or parent.is_alive():
+            time.sleep(POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="unlearn-parent-watch", daemon=True).start()
+
+
 def _worker_main(index: int, slot: Slot, jobs: Any, events: Any) -> None:
     # Ctrl-C reaches the whole process group; the parent decides and terminates us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     os.environ.update(slot.env)
     import torch  # only after CUDA_VISIBLE_DEVICES is set
 
@@ -238,6 +266,50 @@ def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> l
         else:
             job_q.put(None)
 
+    def handle(kind: str, index: int, job_id: str, value: Any) -> None:
+        if kind == "progress":
+            emit("progress", job_id, value)
+            return
+        if index not in workers:  # a late event of a worker already counted as dead
+            return
+        if kind == "finished":
+            holding.pop(index, None)
+            if job_id not in outcomes:
+                outcomes[job_id] = value
+                emit("finished", job_id, value)
+        feed(index)  # after "ready" and "finished": the next job, or None to stop
+
+    def drain() -> None:
+        while True:
+            try:
+                handle(*events.get_nowait())
+            except queue.Empty:
+                return
+
+    def reap() -> None:
+        """A worker that died holding a job fails that job; replace it while work remains."""
+        nonlocal replacements, next_index
+        for index, (proc, _, slot) in list(workers.items()):
+            if proc.is_alive():
+                continue
+            drain()  # what it sent before dying counts (a finished job is not failed)
+            workers.pop(index)
+            job = holding.pop(index, None)
+            if job is not None and job.id not in outcomes:
+                seconds = time.perf_counter() - started_at.get(index, time.perf_counter())
+                outcome = JobOutcome(
+                    job.id, False, seconds,
+                    f"worker {slot.label} died (exit code {proc.exitcode}) while running it",
+                )
+                outcomes[job.id] = outcome
+                emit("finished", job.id, outcome)
+            if pending and replacements > 0:
+                replacements -= 1
+                start_worker(next_index, slot)
+                next_index += 1
+
+    # SIGTERM (timeout, a scheduler) stops the workers as Ctrl-C does, instead of orphaning them.
+    previous = _on_sigterm_raise_interrupt()
     next_index = 0
     try:
         for slot in slots:
@@ -245,47 +317,43 @@ def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> l
             next_index += 1
         while len(outcomes) < len(jobs):
             try:
-                kind, index, job_id, value = events.get(timeout=POLL_SECONDS)
+                handle(*events.get(timeout=POLL_SECONDS))
             except queue.Empty:
-                kind = None
-            if kind == "ready":
-                feed(index)
-            elif kind == "progress":
-                emit("progress", job_id, value)
-            elif kind == "finished":
-                holding.pop(index, None)
-                outcomes[job_id] = value
-                emit("finished", job_id, value)
-                feed(index)
-            # A worker that died holding a job fails that job; replace it while work remains.
-            for index, (proc, _, slot) in list(workers.items()):
-                if proc.is_alive() or proc.exitcode == 0:
-                    continue
-                workers.pop(index)
-                job = holding.pop(index, None)
-                if job is not None and job.id not in outcomes:
-                    seconds = time.perf_counter() - started_at.get(index, time.perf_counter())
-                    outcome = JobOutcome(
-                        job.id, False, seconds,
-                        f"worker {slot.label} died (exit code {proc.exitcode}) while running it",
-                    )
-                    outcomes[job.id] = outcome
-                    emit("finished", job.id, outcome)
-                if pending and replacements > 0:
-                    replacements -= 1
-                    start_worker(next_index, slot)
-                    next_index += 1
+                pass
+            reap()
             if not workers and len(outcomes) < len(jobs):
                 for job in pending:
                     outcomes[job.id] = JobOutcome(job.id, False, 0.0, "not run: no worker left")
                 pending.clear()
+                for job in holding.values():
+                    outcomes.setdefault(job.id, JobOutcome(job.id, False, 0.0, "lost"))
     except BaseException:
         _stop(workers)
         raise
+    finally:
+        _restore_sigterm(previous)
+    for proc, job_q, _ in workers.values():
+        if proc.is_alive():
+            job_q.put(None)  # a replacement that was still starting has not been told to stop
     for proc, _, _ in workers.values():
         proc.join(timeout=10)
     _stop(workers)
     return [outcomes[job.id] for job in jobs]
+
+
+def _on_sigterm_raise_interrupt() -> Any:
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def raise_failures(outcomes: Sequence[JobOutcome], *, what: str, kept: str) -> None:
