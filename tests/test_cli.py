@@ -72,7 +72,7 @@ def test_unknown_config_key(tmp_path):
 def test_wrong_value_type(tmp_path):
     result, out = invoke("train-refs", "--store", tmp_path / "s", "--set", "train.lr=fast")
     assert result.exit_code == 1
-    assert "train.lr: expected a number, got 'fast'" in error_line(out)
+    assert "train.lr: expected a finite number, got 'fast'" in error_line(out)
 
 
 @pytest.mark.parametrize("n", [0, -3])

@@ -36,7 +36,7 @@ def test_all_problems_reported_together():
         load_config(None, ["train.epoch=3", "train.lr=fast", "data.forget_size=-1", "bogus=1"])
     msg = str(info.value)
     assert "4 problem(s)" in msg
-    for key in ("train.epoch: unknown key", "train.lr: expected a number, got 'fast'",
+    for key in ("train.epoch: unknown key", "train.lr: expected a finite number, got 'fast'",
                 "data.forget_size", "bogus: unknown key"):
         assert key in msg
 
@@ -73,3 +73,23 @@ def test_identity_hash_tracks_what_defines_the_models():
     c = load_config(None, ["train.epochs=9"])
     assert a.identity_hash() == b.identity_hash()
     assert a.identity_hash() != c.identity_hash()
+
+
+def test_exponent_floats_and_non_finite_values():
+    # YAML 1.1 reads 1e-3 as a string; a float key takes the number it spells.
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001
+    assert load_config(None, ["method.finetune.lr=5e-2"]).method["finetune"]["lr"] == "5e-2"
+    assert method_params(REGISTRY["finetune"], load_config(None, ["method.finetune.lr=5e-2"])).lr \
+        == 0.05
+    for bad in ("train.lr=.inf", "train.lr=.nan", "train.weight_decay=inf"):
+        with pytest.raises(ConfigError, match="expected a finite number"):
+            load_config(None, [bad])
+
+
+def test_method_ranges_are_checked():
+    for bad, key in (("method.reset-head.batch_size=0", "batch_size: expected >= 1"),
+                     ("method.neggrad.epochs=0", "epochs: expected >= 1"),
+                     ("method.finetune.lr=0", "lr: expected > 0")):
+        name = bad.split(".")[1]
+        with pytest.raises(ConfigError, match=key):
+            method_params(REGISTRY[name], load_config(None, [bad]))

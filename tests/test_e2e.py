@@ -194,3 +194,63 @@ def test_score_refuses_too_few_models_and_bad_bootstrap(trained_store, tmp_path)
         shutil.rmtree(root / "reference" / f"seed-{seed:06d}")
     with pytest.raises(StoreError, match="at least 3 models per bank"):
         score.run(root, methods=["finetune"])
+
+
+DIVERGE = '''
+import torch
+
+def nan_at_odd_seeds(model, data, params, *, device, seed):
+    """Diverges (NaN weights) on odd seeds only."""
+    if seed % 2:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    return model
+'''
+
+
+def test_one_failing_seed_does_not_cost_the_others_nor_poison_score(trained_store, tmp_path):
+    import shutil
+
+    from unlearn_cli.errors import JobsFailed
+
+    root = tmp_path / "d"
+    shutil.copytree(trained_store, root)
+    plugin = tmp_path / "diverge.py"
+    plugin.write_text(DIVERGE)
+    spec = f"{plugin}:nan_at_odd_seeds"
+    cfg = load_config(None, FAST)
+    with pytest.raises(JobsFailed, match="diverged at seed 1000001.*and 2 more seed"):
+        apply.run(cfg, root, method_spec=spec, num_models=6)
+    # Every even seed of the same job was still run and stored; nothing non-finite was.
+    assert Store(root).done_seeds(UNLEARNED, spec) == [1_000_000, 1_000_002, 1_000_004]
+    reports = score.run(root, bootstrap=0)  # the other methods still score
+    assert {r["method"] for r in reports} >= {"finetune", "none", spec}
+
+
+def test_a_failed_first_try_does_not_lock_in_its_settings(trained_store, tmp_path):
+    import shutil
+
+    from unlearn_cli.errors import JobsFailed, StoreError
+
+    root = tmp_path / "retry"
+    shutil.copytree(trained_store, root)
+    (tmp_path / "touchy.py").write_text(
+        "def touchy(model, data, params, *, device, seed):\n"
+        "    if params.get('boom'):\n"
+        "        raise RuntimeError('bad setting')\n"
+        "    return model\n"
+    )
+    spec = f"{tmp_path / 'touchy.py'}:touchy"
+    with pytest.raises(JobsFailed, match="bad setting"):
+        apply.run(load_config(None, FAST + ["method.touchy.boom=true"]), root,
+                  method_spec=spec, num_models=2)
+    assert Store(root).done_seeds(UNLEARNED, spec) == []
+    # Nothing was stored under the bad setting, so the corrected one is accepted.
+    apply.run(load_config(None, FAST + ["method.touchy.boom=false"]), root, method_spec=spec,
+              num_models=2)
+    assert Store(root).method_record(spec)["params"] == {"boom": False}
+    # Once runs are stored, other settings are refused.
+    with pytest.raises(StoreError, match="boom: False -> True"):
+        apply.run(load_config(None, FAST + ["method.touchy.boom=true"]), root,
+                  method_spec=spec, num_models=2)

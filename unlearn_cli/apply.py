@@ -153,15 +153,24 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     params = method_params(method, ctx.cfg)
     original = ctx.store.load_model(ORIGINAL)
     data = _method_data(ctx)
+    failures: list[str] = []
     for seed in payload["seeds"]:
         if ctx.store.is_done(UNLEARNED, seed, spec):
             progress(1)
             continue
-        model, seconds = _run_once(ctx, method, params, original, data, seed)
-        meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
-                          timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
-        save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
+        # One failing seed must not cost the job's other seeds: note it and go on.
+        try:
+            model, seconds = _run_once(ctx, method, params, original, data, seed)
+            meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
+                              timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
+            save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
+        except MethodError as exc:
+            failures.append(str(exc))
+            continue
         progress(1)
+    if failures:
+        more = f" (and {len(failures) - 1} more seed(s) of this job)" if len(failures) > 1 else ""
+        raise MethodError(failures[0] + more)
 
 
 def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[str, Any]:

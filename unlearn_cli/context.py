@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import Config, from_mapping
 from .data import load_dataset
+from .errors import MethodError
 from .models import model_spec
 from .store import Store, hash_split, now, versions
 from .training import per_sample_outputs
@@ -81,10 +82,20 @@ def provenance(ctx: Context, kind: str, seed: int, **extra: Any) -> dict[str, An
 
 def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dict[str, Any],
                  *, method: str | None = None) -> None:
-    """Store a finished model: checkpoint first, then its outputs (which mark it done)."""
+    """Store a finished model: checkpoint first, then its outputs (which mark it done).
+
+    A model whose outputs are not finite (it diverged) is refused before anything is written:
+    stored, it would make `score` fail for every method of the store.
+    """
+    outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split)
+    if not all(np.isfinite(outputs[k]).all() for k in ("forget_logits", "test_logits")):
+        who = f"method {method!r}" if method else f"{kind} training"
+        raise MethodError(
+            f"{who} diverged at seed {seed}: its outputs contain NaN or infinity; lower the "
+            "learning rate (or fix the method) and rerun"
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ctx.store.save_model(kind, seed, state, meta, method=method, model_spec=ctx.spec)
-    outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split)
     ctx.store.save_outputs(kind, seed, outputs, meta, method=method)
 
 

@@ -271,10 +271,19 @@ class Store:
         return path
 
     def save_method(self, method: str, record: Mapping[str, Any]) -> None:
-        """Record a method's parameters once; refuse a later run under different parameters."""
+        """Record a method's parameters; refuse other parameters once a run is stored.
+
+        While no run is stored (e.g. every run failed), the record is simply replaced, so fixing a
+        bad hyperparameter does not require a new store.
+        """
         path = self.method_file(method)
-        if path.is_file():
-            stored = json.loads(path.read_text())
+        if path.is_file() and self.done_seeds(UNLEARNED, method):
+            try:
+                stored = json.loads(path.read_text())
+            except ValueError:
+                raise StoreError(
+                    f"{path} is damaged (not JSON); delete it and rerun `unlearn apply`"
+                ) from None
             diffs = diff_sections(stored.get("params", {}), dict(record.get("params", {})))
             if diffs or stored.get("spec") != record.get("spec"):
                 what = "; ".join(diffs) or f"{stored.get('spec')!r} -> {record.get('spec')!r}"
@@ -313,14 +322,24 @@ class Store:
         for child in base.iterdir():
             rec = child / "method.json"
             if rec.is_file() and self.done_seeds(UNLEARNED, child.name):
-                found.append((rec.stat().st_mtime, json.loads(rec.read_text())["name"]))
+                try:
+                    found.append((rec.stat().st_mtime, json.loads(rec.read_text())["name"]))
+                except (ValueError, KeyError):
+                    raise StoreError(f"{rec} is damaged; delete it and rerun `unlearn apply` "
+                                     "for that method") from None
         return [name for _, name in sorted(found)]
 
     def method_record(self, method: str) -> dict[str, Any]:
         path = self.method_file(method)
         if not path.is_file():
             return {}
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise StoreError(
+                f"{path} is damaged (not JSON); delete it and rerun `unlearn apply --method "
+                f"{method} --store {self.root}`"
+            ) from None
 
     def load_outputs(self, kind: str, seed: int | None = None,
                      method: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -171,6 +171,12 @@ def method_params(method: Method, cfg: Config) -> Any:
         )
     problems: list[str] = []
     params = build_dataclass(method.params, raw, f"method.{method.name}", problems)
+    # Ranges shared by the methods' common hyperparameters, checked here once for all of them.
+    for key, low, strict in (("epochs", 1, False), ("batch_size", 1, False), ("lr", 0, True)):
+        value = getattr(params, key, None)
+        if value is not None and (value <= low if strict else value < low):
+            bound = f"> {low}" if strict else f">= {low}"
+            problems.append(f"method.{method.name}.{key}: expected {bound}, got {value!r}")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s): " + "; ".join(problems))
     return params
