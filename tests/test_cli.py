@@ -175,3 +175,58 @@ def test_dry_run_prints_accuracies_and_stores_nothing(store_copy):
     assert re.search(r"unlearned\s*│\s*\d+\.\d%", out)
     assert "nothing was stored" in out
     assert tree_digest(store_copy) == before
+
+
+def test_paths_that_are_not_what_they_should_be(store_copy, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result, out = invoke("train-refs", "--num-models", 2, "--store", a_file)
+    assert result.exit_code == 1 and "is a file, not a folder" in error_line(out)
+    result, out = invoke("score", "--store", store_copy, "--out", tmp_path)
+    assert result.exit_code == 1 and "is a folder" in error_line(out)
+    result, out = invoke("score", "--store", store_copy, "--bootstrap", 0,
+                         "--out", a_file / "r.json")
+    assert result.exit_code == 1 and "check the path" in error_line(out)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: ..\n", "name: expected a folder name"),
+    ("name: 2024-01-01\n", "name: expected a folder name"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_odd_config_files(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result, out = invoke("train-refs", "--config", path, "--store", tmp_path / "s",
+                         "--set", "train.epochs=1")
+    assert result.exit_code == 1 and expected in error_line(out)
+    path.write_bytes(b"\xff\xfe\x00bad")
+    result, out = invoke("train-refs", "--config", path, "--store", tmp_path / "s")
+    assert result.exit_code == 1 and "not a UTF-8 text file" in error_line(out)
+
+
+def test_launch_flags_are_named_as_command_line_options(tmp_path):
+    result, out = invoke("train-refs", "--store", tmp_path / "s", "--device", "cuda:")
+    assert result.exit_code == 1
+    assert "--device 'cuda:' is not understood" in error_line(out)
+    result, out = invoke("train-refs", "--store", tmp_path / "s", "--workers", -1)
+    line = error_line(out)
+    assert "with the command-line options" in line and "launch.workers" in line
+
+
+def test_set_name_picks_the_default_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result, out = invoke("train-refs", "--num-models", 2, *sets())
+    assert result.exit_code == 0, out
+    result, out = invoke("train-refs", "--num-models", 2, *sets(), "--set", "name=other")
+    assert result.exit_code == 0, out
+    assert "store runs/other" in out and (tmp_path / "runs" / "other" / "experiment.json").is_file()
+
+
+def test_a_plugin_section_does_not_block_builtin_methods(store_copy):
+    result, out = invoke("apply", "--method", "none", "--num-models", 3, "--store", store_copy,
+                         "--set", "method.my_own_thing.lr=0.1", "--workers", 1)
+    assert result.exit_code == 0, out
+    result, out = invoke("apply", "--method", "none", "--store", store_copy,
+                         "--set", "method.finetun.lr=0.1")
+    assert result.exit_code == 1 and "did you mean method.finetune?" in error_line(out)

@@ -143,10 +143,18 @@ def test_apply_with_two_worker_processes(trained_store, tmp_path):
                       ["launch.workers=2", "launch.chunk_size=2"])
     res = apply.run(cfg, root, method_spec="reset-head", num_models=4)
     assert len(res.trained) == 4 and all(o.ok for o in res.outcomes)
-    # Same seeds in one process give the same models: runs are deterministic.
-    inline = apply.run(load_config(None, FAST), tmp_path / "w", method_spec="reset-head",
-                       num_models=4)
-    assert inline.trained == []
+    assert apply.run(load_config(None, FAST), root, method_spec="reset-head",
+                     num_models=4).trained == []  # resumed: nothing left to do
+    # The same seeds in one process, in another store, give the same models: runs depend on
+    # their seed only, not on the worker or the job they ran in.
+    other = tmp_path / "inline"
+    shutil.copytree(trained_store, other)
+    apply.run(load_config(None, FAST), other, method_spec="reset-head", num_models=4)
+    for seed in range(1_000_000, 1_000_004):
+        a = Store(root).load_model(UNLEARNED, seed, "reset-head")["state_dict"]
+        b = Store(other).load_model(UNLEARNED, seed, "reset-head")["state_dict"]
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
 
 
 def test_the_readme_plugin_example_runs(trained_store, tmp_path, monkeypatch):

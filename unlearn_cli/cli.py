@@ -7,6 +7,7 @@ traceback); Ctrl-C stops the workers and exits 130, keeping every finished model
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def _boundary(fn):
                 raise
             err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a path the user gave: a folder, no permission, a full disk
+            if os.environ.get("UNLEARN_TRACEBACK"):
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}{where}; check "
+                              "the path and its permissions", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted: finished models are stored; rerun the same "
                               "command to resume[/yellow]")
@@ -94,12 +102,17 @@ def _resolve(config: Path | None, overrides: list[str] | None, store: Path | Non
     from .config import apply_overrides, from_mapping, load_config
     from .store import Store, default_store
 
-    sets = list(overrides or []) + [f"launch.{k}={v}" for k, v in launch.items() if v is not None]
+    # Launch flags are typed by Typer already: JSON is valid YAML, so `cuda:0,1` stays a string.
+    sets = list(overrides or []) + [
+        f"launch.{k}={json.dumps(v)}" for k, v in launch.items() if v is not None
+    ]
     if config is None:
-        candidate = store if store is not None else default_store(load_config(None))
+        candidate = store if store is not None else default_store(load_config(None, sets))
         if Store(candidate).exists():
             raw = Store(candidate).read_experiment().get("config", {})
-            cfg = from_mapping(apply_overrides(raw, sets), source=f"{candidate}/experiment.json")
+            source = f"{candidate}/experiment.json" + (" with the command-line options"
+                                                        if sets else "")
+            cfg = from_mapping(apply_overrides(raw, sets), source=source)
             return cfg, candidate
     cfg = load_config(config, sets)
     return cfg, store if store is not None else default_store(cfg)
@@ -252,6 +265,8 @@ def score_cmd(
     from .report import print_reports, write_reports
 
     _, store_path = _resolve(config, set_, store, {})
+    if out is not None and out.is_dir():
+        raise UnlearnError(f"--out {out} is a folder; give a file path such as {out}/report.json")
     reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap)
     print_reports(reports, console)
     if out is not None:

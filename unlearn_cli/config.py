@@ -7,6 +7,7 @@ as `train.epoch` would otherwise silently train with the default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -265,7 +266,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of the raw config mapping with every `--set` applied in order."""
-    out = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"the config is {type(raw).__name__}, expected a mapping of sections "
+                          "(data:, model:, train:, ...) at the top level")
+    out = copy.deepcopy(dict(raw))
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -294,10 +298,12 @@ def from_mapping(raw: Any, *, source: str = "config") -> Config:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "name":
-            if isinstance(value, str) and value and "/" not in value:
+            if isinstance(value, str) and value not in ("", ".", "..") and "/" not in value:
                 kwargs["name"] = value
             else:
-                problems.append(f"name: expected a non-empty string without '/', got {value!r}")
+                problems.append(
+                    f"name: expected a folder name (no '/', not '.' or '..'), got {value!r}"
+                )
         elif key in _SECTIONS:
             kwargs[key] = build_dataclass(_SECTIONS[key], value, key, problems)
         elif key == "method":
@@ -333,12 +339,16 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             f"(bundled: {hint})"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         line = str(exc).replace("\n", " ")
         raise ConfigError(f"{path} is not valid YAML: {line}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; pass a YAML config") from None
+    overrides = list(overrides)
     raw = apply_overrides(raw or {}, overrides)
-    return from_mapping(raw, source=str(path))
+    source = f"{path} with the command-line options" if overrides else str(path)
+    return from_mapping(raw, source=source)
 
 
 def diff_sections(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -213,8 +213,8 @@ def reading(ceiling: dict[str, Any]) -> str:
     """One line that tells a user how to read F: its share of the ceiling, at matched N."""
     share, half = ceiling.get("share", float("nan")), ceiling["num_models"]
     if not np.isfinite(share):
-        return (f"no ceiling at N = {half} per half-bank (at least 6 reference models are "
-                "needed); compare F only with other methods at the same N")
+        return (f"no ceiling: halves of {half} models are too few (at least 6 models per bank "
+                "are needed); compare F only with other methods at the same N")
     verdict = (
         "indistinguishable from retraining" if share >= 0.9
         else "partly forgets" if share >= 0.3

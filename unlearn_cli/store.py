@@ -230,6 +230,8 @@ class Store:
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the store's write lock, and clear temp files a killed run left behind."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"--store {self.root} is a file, not a folder; give a folder path")
         self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / ".lock"
         with open(lock_path, "a+") as fh:

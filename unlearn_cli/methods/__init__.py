@@ -149,14 +149,24 @@ def _load_file(path_text: str, spec: str) -> Any:
 
 
 def check_method_sections(cfg: Config, extra: tuple[str, ...] = ()) -> None:
-    """Every `method.<name>` section names a known method (or the plugin in use)."""
-    valid = [*REGISTRY, *extra]
-    unknown = [name for name in cfg.method if name not in valid]
-    if unknown:
-        raise ConfigError(
-            f"method.{unknown[0]}: unknown method; sections under method: may name "
-            f"{', '.join(valid)}"
-        )
+    """Catch typos in `method.<name>` sections.
+
+    A section may name a built-in method, the plugin in use (`extra`), or another plugin (its
+    function's name): plugins are not known until they run, so sections for them are kept. A
+    name within a typo of a built-in (`finetun`) is an error, since its settings would otherwise
+    be silently ignored.
+    """
+    import difflib
+
+    for name in cfg.method:
+        if name in REGISTRY or name in extra:
+            continue
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f"method.{name}: unknown method; did you mean method.{close[0]}? (sections under "
+                f"method: name a built-in method ({', '.join(REGISTRY)}) or a plugin function)"
+            )
 
 
 def method_params(method: Method, cfg: Config) -> Any:
