@@ -120,9 +120,16 @@ def test_damaged_files_are_reported(tmp_path):
         s.load_model(REFERENCE, 0)
 
 
-def test_method_record_refuses_other_params(tmp_path):
+def test_method_record_refuses_other_params_once_a_run_is_stored(tmp_path):
     s = Store(tmp_path)
-    s.save_method("finetune", {"name": "finetune", "spec": "finetune", "params": {"epochs": 5}})
-    s.save_method("finetune", {"name": "finetune", "spec": "finetune", "params": {"epochs": 5}})
+
+    def record(epochs):
+        return {"name": "finetune", "spec": "finetune", "params": {"epochs": epochs}}
+
+    s.save_method("finetune", record(9))
+    s.save_method("finetune", record(5))  # no run stored yet: the record is replaced
+    assert s.method_record("finetune")["params"] == {"epochs": 5}
+    s.save_outputs(UNLEARNED, 1_000_000, {"x": np.zeros(1)}, {}, method="finetune")
+    s.save_method("finetune", record(5))
     with pytest.raises(StoreError, match="epochs: 5 -> 2"):
-        s.save_method("finetune", {"name": "finetune", "spec": "finetune", "params": {"epochs": 2}})
+        s.save_method("finetune", record(2))
