@@ -325,8 +325,6 @@ def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> l
                 for job in pending:
                     outcomes[job.id] = JobOutcome(job.id, False, 0.0, "not run: no worker left")
                 pending.clear()
-                for job in holding.values():
-                    outcomes.setdefault(job.id, JobOutcome(job.id, False, 0.0, "lost"))
     except BaseException:
         _stop(workers)
         raise
