@@ -43,6 +43,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _wait_until_gone(pgid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _snapshot(store: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(store)): (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in store.rglob("*") if p.is_file() and p.name in ("model.pt", "outputs.npz")}
@@ -88,9 +94,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out.decode()
     assert "interrupted" in out.decode() and "rerun the same command" in out.decode()
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_until_gone(proc.pid)
     assert not _group_alive(proc.pid), "a worker outlived Ctrl-C"
 
 
@@ -101,9 +105,7 @@ def test_workers_die_with_their_parent(tmp_path):
     _wait_for_models(store, proc, 1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_until_gone(proc.pid)
     assert not _group_alive(proc.pid), "a worker outlived its parent"
     files = _snapshot(store)
     time.sleep(1.0)
@@ -117,7 +119,5 @@ def test_sigterm_stops_the_workers_like_ctrl_c(tmp_path):
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, out.decode()
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_until_gone(proc.pid)
     assert not _group_alive(proc.pid)
