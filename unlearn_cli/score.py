@@ -41,6 +41,11 @@ def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = No
     return bank
 
 
+def _first(bank: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first n models of a bank (by seed)."""
+    return {k: v[:n] for k, v in bank.items()}
+
+
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-model accuracy. logits [N, K, C], labels [K] -> [N]."""
     return (logits.argmax(axis=-1) == labels[None, :]).mean(axis=1)
@@ -82,8 +87,12 @@ def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, se
 
 
 def score_method(store: Store, method: str, *, metric: str = "official", bootstrap: int = 100,
-                 seed: int = 0) -> dict[str, Any]:
-    """The report for one stored method (see the README for its fields)."""
+                 seed: int = 0, references: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report for one stored method (see the README for its fields).
+
+    references: every stored reference model's outputs as `_bank` stacks them, when the caller
+    scores several methods and loads them once; read from the store otherwise.
+    """
     exp = store.read_experiment()
     split = store.load_split()
     ref_seeds = store.done_seeds(REFERENCE)
@@ -101,7 +110,9 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
             f"has {len(ref_seeds)} reference model(s) and {len(unl_seeds)} run(s) of {method!r}: "
             f"run `unlearn train-refs --num-models {MIN_MODELS}` and `unlearn apply` again"
         )
-    refs = _bank(store, REFERENCE, ref_seeds[:n])
+    if references is None:
+        references = _bank(store, REFERENCE, ref_seeds)
+    refs = _first(references, n)
     unl = _bank(store, UNLEARNED, unl_seeds[:n], method)
     forget_y, test_y = split["forget_labels"], split["test_labels"]
 
@@ -247,5 +258,8 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
                 f"store {store.root} holds no unlearning runs yet; run `unlearn apply --method "
                 f"finetune --store {store.root}` first"
             )
-    return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed)
+    # The reference bank is the same for every method: read its outputs once.
+    references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
+    return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
+                         references=references)
             for m in chosen]
