@@ -66,20 +66,28 @@ def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarr
     """Logit-scaled confidence of the true class, one value per row (spec 1.1).
 
     Args:
-        logits: `[num_examples, num_classes]` model outputs, any float dtype.
+        logits: `[num_examples, num_classes]` model outputs (float32 as the store keeps them).
         targets: `[num_examples]` integer true labels.
 
     Returns:
         float64 `[num_examples]`: log(p_y + 1e-45) - log(p_wrong + 1e-45), where p is the softmax of
-        the row (row maximum subtracted first) and p_wrong the sum of p over the other classes.
+        the row and p_wrong the sum of p over the other classes.
 
-    Numerics, pinned down by the golden file: the softmax is taken in float32 (upstream's logits
-    are float32 and the golden values show float32 rounding); the sum over wrong classes and both
-    logs are in float64. Spec 1.1 says "softmax in float64", but that misses the golden values by
-    4e-5 on a very confident row (there p_wrong ~ 5e-42 is a float32 subnormal upstream, whose
-    rounding shows in the log) and by up to 1e-6 elsewhere; the float32 softmax agrees with every
-    golden value within 1e-7. p_wrong is summed, not taken as 1 - p_y, which would round to 0 for
-    a confident row and saturate the statistic at ~103.6.
+    For float32 logits the values are bit-identical to the organizers' code: the same numpy
+    operations in the same order on a C-ordered copy: subtract the row maximum (float32), `np.exp`
+    in float32, cast to float64, divide by the row sum (float64), zero p_y and sum the row for
+    p_wrong (not 1 - p_y, which rounds to 0 for a confident row and saturates the statistic at
+    ~103.6). Bit-for-bit matters: the attack thresholds start and end on the bank's own extreme
+    confidences, so a last-bit change can move a rate and an example's epsilon (doing the softmax
+    wholly in float32 missed by up to 9e-8 and changed 12 of 135 epsilons on the digits demo).
+    "The same numpy operations" also means the same numpy kernels: numpy runs float32 `exp` on
+    SIMD code chosen for the CPU (see the README, "Exactness"), so equality with the golden
+    values holds where numpy picks the kernels the golden was computed with (x86-64 with AVX2).
+
+    Other dtypes: float64 logits are exponentiated in float64 (what upstream's code does with
+    them); narrower floats (float16) are widened to float32 first: upstream would take `exp` in
+    float16, which underflows below e^-17 and saturates confident rows; integer logits are
+    converted to float64.
     """
     y = np.asarray(targets)
     if np.ndim(logits) != 2 or y.shape != (np.shape(logits)[0],):
@@ -92,16 +100,26 @@ def logit_scaled_confidence(logits: np.ndarray, targets: np.ndarray) -> np.ndarr
         raise ValueError(f"targets must be integers, got dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"targets must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
-    z = np.array(logits, dtype=np.float32)  # a copy: the caller's logits are untouched
+    z = np.array(logits, order="C", dtype=_exp_dtype(np.asarray(logits).dtype))  # a C-ordered
+    # copy: the caller's logits stay untouched, and the row sums below add in the same order
+    # (numpy's pairwise sum along a contiguous row) whatever layout the caller passed.
     z -= z.max(axis=1, keepdims=True)  # softmax is shift-invariant; this avoids overflow in exp
-    p = np.exp(z)
+    p = np.exp(z).astype(np.float64)  # exp in the logits' dtype, as upstream, then float64
     p /= p.sum(axis=1, keepdims=True)
-    p = p.astype(np.float64)
     rows = np.arange(p.shape[0])
-    p_true = p[rows, y].copy()
+    p_true = p[rows, y]  # fancy indexing copies
     p[rows, y] = 0.0
     p_wrong = p.sum(axis=1)
     return np.log(p_true + CONFIDENCE_FLOOR) - np.log(p_wrong + CONFIDENCE_FLOOR)
+
+
+def _exp_dtype(dtype: np.dtype) -> type:
+    """The float dtype `logit_scaled_confidence` exponentiates in (see its docstring)."""
+    if dtype == np.float32 or dtype == np.float64:
+        return dtype.type
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize < 4:
+        return np.float32
+    return np.float64
 
 
 # --- Epsilon of one attack rule, from its counts --------------------------------------------------
@@ -286,20 +304,21 @@ def _example_epsilon_reference(unlearned_col: np.ndarray, retrained_col: np.ndar
 def _interval_family_best_reference(
     peaky: np.ndarray, other: np.ndarray, width: float
 ) -> np.float32:
-    """Largest epsilon (float32, may be inf) of the interval rules, one right edge at a time.
+    """Largest epsilon (float32, may be inf) of the interval rules, every rule counted directly.
 
     peaky `[n_peaky]`: the sorted bank with the smaller range; other `[n_other]`: the other bank,
-    sorted; width: range of peaky.
+    sorted; width: range of peaky. All ~160,000 rules at once: the `[M, 400]` left edges (the very
+    floats of a per-right-edge linspace, see `_left_edges`) and one searchsorted per bank.
     """
-    tp_rows, fp_rows = [], []
-    for right in _right_edges(peaky, width):
-        left = _left_edges(right, width)
-        # count(l <= c <= r) = count(c <= r) - count(c < l); an empty interval (l > r) flags none
-        tp = np.searchsorted(peaky, right, side="right") - np.searchsorted(peaky, left, side="left")
-        fp = np.searchsorted(other, right, side="right") - np.searchsorted(other, left, side="left")
-        tp_rows.append(np.maximum(tp, 0))
-        fp_rows.append(np.maximum(fp, 0))
-    tp, fp = np.concatenate(tp_rows), np.concatenate(fp_rows)
+    right = _right_edges(peaky, width)  # [M]
+    left = _left_edges(right, width)  # [M, 400]
+    # count(l <= c <= r) = count(c <= r) - count(c < l); an empty interval (l > r) flags none
+    tp = np.searchsorted(peaky, right, side="right")[:, None]
+    tp = tp - np.searchsorted(peaky, left, side="left")
+    fp = np.searchsorted(other, right, side="right")[:, None]
+    fp = fp - np.searchsorted(other, left, side="left")
+    np.maximum(tp, 0, out=tp)
+    np.maximum(fp, 0, out=fp)
     return _rule_epsilons(tp, fp, peaky.size, other.size).max()
 
 
@@ -311,8 +330,9 @@ def per_example_epsilons_reference(unlearned: np.ndarray, retrained: np.ndarray)
         retrained: `[num_retrained_models, num_examples]` confidences of the reference bank.
 
     Returns:
-        float64 `[num_examples]`, identical to `per_example_epsilons`. 10-20 ms per example: each
-        of the ~400 right edges gets its own linspace and searchsorted.
+        float64 `[num_examples]`, identical to `per_example_epsilons`. About 10 ms per example:
+        every one of the ~160,000 rules is counted (vectorised over all right edges at once; the
+        strongest simple version we know, and the baseline of benchmarks/bench_metrics.py).
     """
     u, r = _check_banks(unlearned, retrained)
     return np.array([_example_epsilon_reference(u[:, s], r[:, s]) for s in range(u.shape[1])])
@@ -544,6 +564,370 @@ def _example_epsilon_fast(
     return float(min(best, np.float32(EPSILON_CAP)))
 
 
+# --- The batched implementation -------------------------------------------------------------------
+# The same epsilons as `_example_epsilon_fast`, for many columns at once: the examples of F, every
+# split of the ceiling, every resample of the bootstrap interval. The per-example path spends most
+# of its ~0.2 ms on ~200 small numpy calls; here every step is one numpy operation over a chunk of
+# columns (both banks of n models each). Each column's ragged sets (threshold breakpoints, runs of
+# constant counts, (row run, lattice run) pairs) become flat arrays ordered by column, and integer
+# positions are offset by column * _KEY_STRIDE so that one searchsorted serves every column.
+# Float thresholds are never approximated: a data point's position in a grid is estimated, then
+# corrected against the grid's own floats (`_grid_positions`), and the interval family uses the
+# lattice argument of the comment above `_left_edge_values`, with its masked points settled from
+# the float left edges, exactly as there.
+_BATCH_VALUES = 1 << 16  # columns per chunk x models per bank: the per-column arrays are
+# [chunk, ~6n] int64, a few MiB each
+_BATCH_PAIRS = 1 << 21  # (row run, lattice run) pairs evaluated at once: bounds memory (~100 MiB)
+_KEY_STRIDE = np.int64(1) << 20  # > any lattice index + 2 (319,202) and any grid size used here
+
+
+def _grid_positions(
+    x: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    size: np.ndarray,
+    *,
+    side_right: bool,
+) -> np.ndarray:
+    """`np.searchsorted(np.linspace(start[k], stop[k], size[k]), x[k], side)` for every row k.
+
+    x `[K, d]` float64; start, stop `[K]` float64; size `[K]` int64 >= 1. numpy's linspace puts
+    element i at i * step + start with step = (stop - start) / (size - 1), and the last one at stop
+    (a 1-point grid is [start]); those floats are what the values are compared with. Returns int64
+    `[K, d]`: how many grid elements are < x (side left) or <= x (side right). A float estimate,
+    corrected one step at a time against the grid's floats (the estimate is off by at most ~1).
+    """
+    start, stop, size = start[:, None], stop[:, None], size[:, None]
+    step = (stop - start) / np.maximum(size - 1, 1)
+
+    def element(i: np.ndarray) -> np.ndarray:
+        value = i.astype(np.float64) * step + start
+        return np.where((i == size - 1) & (size > 1), stop, value)
+
+    def counted(value: np.ndarray) -> np.ndarray:
+        return value <= x if side_right else value < x
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = np.where(size > 1, np.floor((x - start) / step) + 1, 1.0)
+    position = np.clip(estimate, 0, size).astype(np.int64)
+    for _ in range(64):  # a grid is non-decreasing: the correct count is a fixed point
+        grow = (position < size) & counted(element(np.minimum(position, size - 1)))
+        shrink = (position > 0) & ~counted(element(np.maximum(position - 1, 0)))
+        if not (grow.any() or shrink.any()):
+            return position
+        position += grow
+        position -= shrink
+    raise RuntimeError("grid positions did not settle")  # cannot happen for a monotone grid
+
+
+def _row_segment_max(values: np.ndarray, column: np.ndarray, best: np.ndarray) -> None:
+    """best[c] = max(best[c], max of values whose column is c); column `[P]` sorted, values `[P]`."""
+    if column.size == 0:
+        return
+    starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
+    cols = column[starts]
+    best[cols] = np.maximum(best[cols], np.maximum.reduceat(values, starts))
+
+
+def _single_family_best_batched(pos: np.ndarray, neg: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Largest single-threshold epsilon (float32) per row of pos, neg `[K, n]` (sorted rows).
+
+    Rule i flags c >= t_i, so its counts are (#{pos: h(pos) > i}, #{neg: h(neg) > i}) with
+    h(c) = #{thresholds <= c}; they change only where i passes some h(c), so every distinct rule
+    is the one at i = h(c) for some data point c (i = 0, everything flagged, has epsilon 0).
+    """
+    num_cols, n = pos.shape
+    lo = np.minimum(pos[:, 0], neg[:, 0])
+    hi = np.maximum(pos[:, -1], neg[:, -1])
+    size = np.ceil((hi - lo) * THRESHOLDS_PER_UNIT).astype(np.int64)  # as `_grid_size`
+    data = np.concatenate([pos, neg], axis=1)
+    h = _grid_positions(data, lo, hi, size, side_right=True)
+    key = h * 2
+    key[:, :n] += 1  # low bit: the data point is positive
+    key.sort(axis=1)
+    h_sorted = key >> 1
+    below_pos = np.cumsum(key & 1, axis=1)  # positives with h <= h_sorted[t]: the last of a tie
+    below_neg = np.arange(1, 2 * n + 1) - below_pos  # group is the count at i = h_sorted[t]
+    index = (n - below_pos) * (n + 1) + (n - below_neg)
+    valid = h_sorted < size[:, None]  # i = h must be a threshold
+    valid[:, :-1] &= h_sorted[:, :-1] != h_sorted[:, 1:]
+    index[~valid] = 0  # tp = fp = 0: epsilon 0
+    return table.take(index).max(axis=1)
+
+
+def _interval_family_best_batched(
+    peaky: np.ndarray, other: np.ndarray, width: np.ndarray, table: np.ndarray
+) -> np.ndarray:
+    """Largest interval-rule epsilon (float32) per row: `_interval_family_best` on each row of
+    peaky, other `[K, n]` (sorted rows) and width `[K]`, batched (see the comment above)."""
+    num_cols, n = peaky.shape
+    stride = n + 1
+    best = np.zeros(num_cols, dtype=np.float32)
+    r_min = peaky[:, 0] + width - INTERVAL_BUFFER
+    r_max = peaky[:, -1] + INTERVAL_BUFFER
+    num_right = np.ceil((r_max - r_min) * THRESHOLDS_PER_UNIT).astype(np.int64)
+    scale = np.maximum(
+        np.maximum(np.abs(peaky[:, 0]), np.abs(peaky[:, -1])),
+        np.maximum(np.abs(other[:, 0]), np.abs(other[:, -1])),
+    ) + 2 * INTERVAL_BUFFER
+    lattice = ((num_right == 400) | (num_right == 401)) & (scale <= _LATTICE_MAX_SCALE)
+    # Lattice constants (see `_left_count_runs`): M = 400 -> m = j + i; M = 401 -> 399 j + 400 i.
+    is401 = num_right == 401
+    row_step = np.where(is401, 399, 1)
+    col_step = np.where(is401, 400, 1)
+    unit = np.where(
+        is401,
+        2 * INTERVAL_BUFFER * 1 / ((_NUM_LEFT_EDGES - 1) * (401 - 1)),
+        2 * INTERVAL_BUFFER * 399 / ((_NUM_LEFT_EDGES - 1) * (400 - 1)),
+    )
+    last = row_step * (num_right - 1) + col_step * (_NUM_LEFT_EDGES - 1)
+    base = r_min - width - INTERVAL_BUFFER  # right edge 0 is r_min itself
+    col_key = np.arange(num_cols, dtype=np.int64) * _KEY_STRIDE
+
+    # Counts up to every right edge: data x is <= R_j iff j >= a(x) = #{right edges < x}.
+    right_size = np.where(lattice, num_right, 2)  # (off-lattice rows are dropped below)
+    data = np.concatenate([peaky, other], axis=1)  # [K, 2n]
+    weight = np.ones((1, 2 * n), dtype=np.int64)
+    weight[0, :n] = stride  # a peaky point counts `stride` in the flat (tp, fp) index
+    a = _grid_positions(data, r_min, r_max, right_size, side_right=False)
+    slot = np.arange(num_cols)[:, None] * 402 + np.minimum(a, 401)
+    hist = np.bincount(
+        slot.ravel(), weights=np.broadcast_to(weight, a.shape).ravel(), minlength=num_cols * 402
+    )
+    right_counts = np.cumsum(hist.reshape(num_cols, 402).astype(np.int64), axis=1)[:, :401]
+
+    # Runs of right edges with one count (rows j0..j1), flat, ordered by column.
+    new_run = np.ones((num_cols, 401), dtype=bool)
+    new_run[:, 1:] = right_counts[:, 1:] != right_counts[:, :-1]
+    new_run &= np.arange(401)[None, :] < num_right[:, None]
+    new_run &= lattice[:, None]
+    row_col, row_j0 = np.nonzero(new_run)
+    row_j1 = np.empty_like(row_j0)
+    same = row_col[1:] == row_col[:-1]
+    row_j1[:-1] = np.where(same, row_j0[1:] - 1, num_right[row_col[:-1]] - 1)
+    if row_j1.size:
+        row_j1[-1] = num_right[row_col[-1]] - 1
+    row_count = right_counts[row_col, row_j0]
+
+    # Lattice position of every data point (as `_left_count_runs`, row by row).
+    position = (data - base[:, None]) / unit[:, None]
+    nearest = np.rint(position)
+    on_lattice = np.abs(position - nearest) < (_LATTICE_RELATIVE_TOLERANCE * scale / unit)[:, None]
+    first_above = np.where(on_lattice, nearest, np.floor(position)) + 1
+    np.clip(first_above, 0, (last + 1)[:, None], out=first_above)
+    first_above = first_above.astype(np.int64)
+    is_masked = on_lattice & (nearest >= 0) & (nearest <= last[:, None]) & lattice[:, None]
+    masked_at = np.where(is_masked, nearest, 0).astype(np.int64)
+
+    # Count below each lattice index m: data with first_above <= m, summed with their weights.
+    fa_key = first_above * 2
+    fa_key[:, :n] += 1
+    fa_key.sort(axis=1)
+    fa_sorted = fa_key >> 1
+    fa_cum = np.zeros((num_cols, 2 * n + 1), dtype=np.int64)
+    np.cumsum(np.where(fa_key & 1, stride, 1), axis=1, out=fa_cum[:, 1:])
+    fa_flat = (fa_sorted + col_key[:, None]).ravel()
+
+    def count_below(col: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """Flat count of the data with first_above <= m in column col (`[P]` each)."""
+        found = np.searchsorted(fa_flat, col_key[col] + m, side="right") - col * (2 * n)
+        return fa_cum[col, found]
+
+    # Lattice runs: start at 0, at every first_above, and around every masked point (few per
+    # column: their own narrow block of columns, padded with `never`).
+    never = np.int64(1) << 40
+    num_masked = is_masked.sum(axis=1)
+    masked_block = np.full((num_cols, int(num_masked.max(initial=0))), never)
+    masked_block[np.nonzero(np.arange(masked_block.shape[1])[None, :] < num_masked[:, None])] = (
+        masked_at[is_masked]
+    )  # row-major order on both sides: each column's masked points, left-aligned
+    starts = np.concatenate(
+        [
+            np.zeros((num_cols, 1), dtype=np.int64),
+            first_above,
+            masked_block,
+            np.where(masked_block == never, never, masked_block + 1),
+        ],
+        axis=1,
+    )
+    starts.sort(axis=1)
+    keep = starts <= last[:, None]
+    keep[:, 1:] &= starts[:, 1:] != starts[:, :-1]
+    keep &= lattice[:, None]
+    run_col, slot = np.nonzero(keep)
+    run_start = starts[run_col, slot]
+    run_key = col_key[run_col] + run_start
+    run_end = np.empty_like(run_start)
+    same = run_col[1:] == run_col[:-1]
+    run_end[:-1] = np.where(same, run_start[1:] - 1, last[run_col[:-1]])
+    if run_end.size:
+        run_end[-1] = last[run_col[-1]]
+    run_below = count_below(run_col, run_start)
+    masked_key = np.empty(0, dtype=np.int64)
+    if is_masked.any():
+        masked_key = np.unique((col_key[:, None] + masked_at)[is_masked])
+        run_below[np.isin(run_key, masked_key)] = _MASKED  # settled from the floats below
+
+    # (row run, lattice run) pairs: rows j0..j1 reach lattice indices row_step * j0 up to
+    # row_step * j1 + col_step * 399.
+    rstep_row = row_step[row_col]
+    cstep_row = col_step[row_col]
+    first_run = np.searchsorted(run_key, col_key[row_col] + rstep_row * row_j0, side="right") - 1
+    reach = rstep_row * row_j1 + cstep_row * (_NUM_LEFT_EDGES - 1)
+    last_run = np.searchsorted(run_key, col_key[row_col] + reach, side="right") - 1
+    num_pairs = last_run - first_run + 1
+    # Columns whose pairs would outnumber their rules (dense data, M = 401): per-example path.
+    per_col_pairs = np.bincount(row_col, weights=num_pairs, minlength=num_cols)
+    dense = is401 & (per_col_pairs > _DENSE_FALLBACK_PAIRS)
+    if dense.any():
+        keep_rows = ~dense[row_col]
+        row_col, row_j0, row_j1 = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
+        row_count, first_run, num_pairs = (
+            row_count[keep_rows], first_run[keep_rows], num_pairs[keep_rows]
+        )
+    # int32 from here where the flat counts allow it; masked runs far below 0
+    small = np.int32 if stride * stride < 1 << 29 else np.int64
+    below_small = np.where(run_below == _MASKED, 1 << 30, run_below).astype(small)
+    for wide in (False, True):  # M = 400 columns, then M = 401 ones (reachability test)
+        keep_rows = np.flatnonzero(is401[row_col] == wide)
+        if keep_rows.size == 0:
+            continue
+        cols_w, j0_w, j1_w = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
+        count_w, first_w, pairs_w = (
+            row_count[keep_rows].astype(small), first_run[keep_rows], num_pairs[keep_rows]
+        )
+        cumulative = np.cumsum(pairs_w)
+        splits = np.searchsorted(cumulative, np.arange(_BATCH_PAIRS, cumulative[-1], _BATCH_PAIRS))
+        edges = np.unique(np.r_[0, splits, pairs_w.size])
+        for lo_row, hi_row in zip(edges[:-1], edges[1:]):
+            rows = slice(lo_row, hi_row)
+            counts = pairs_w[rows]
+            ends = np.cumsum(counts)
+            offsets = np.repeat(first_w[rows] - ends + counts, counts)
+            pair_run = np.arange(ends[-1], dtype=np.int64)
+            pair_run += offsets
+            index = np.repeat(count_w[rows], counts)
+            index -= below_small[pair_run]
+            if wide:  # is the lattice run reached by some rule of the row run?
+                j0 = np.repeat(j0_w[rows], counts)
+                j1 = np.repeat(j1_w[rows], counts)
+                lo_m, hi_m = run_start[pair_run], run_end[pair_run]
+                k_early = np.maximum(j0, _ceil_div(lo_m + j0, 400))
+                k_late = np.maximum(j0 + 400, _ceil_div(lo_m - 399, 399))
+                k = np.where(k_early <= j0 + _NUM_LEFT_EDGES - 1, k_early, k_late)
+                reached = (k <= j1 + _NUM_LEFT_EDGES - 1) & (400 * k - np.minimum(j1, k) <= hi_m)
+                index[~reached] = 0
+            np.maximum(index, 0, out=index)  # empty intervals and masked runs -> epsilon 0
+            values = table.take(index)
+            # a column's pairs are contiguous: one reduceat over each column's segment
+            col_rows = cols_w[rows]
+            first_row = np.flatnonzero(np.r_[True, col_rows[1:] != col_rows[:-1]])
+            cols = col_rows[first_row]
+            segment_max = np.maximum.reduceat(values, (ends - counts)[first_row])
+            best[cols] = np.maximum(best[cols], segment_max)
+
+    if masked_key.size:
+        # Rules on a lattice point where data sit: count from the float left edges. Data not on
+        # that point lie clearly on one side of them (count_below); the ones on it are compared
+        # with each rule's float left edge, as the per-example path does with searchsorted.
+        m_col = masked_key // _KEY_STRIDE
+        m_at = masked_key - col_key[m_col]
+        m_below = count_below(m_col, m_at)
+        # The data sitting on each masked point, `[P, G]` (G = the most on one point; padding
+        # has weight 0), ordered by point like masked_key.
+        on_key = (col_key[:, None] + masked_at)[is_masked]
+        order = np.argsort(on_key, kind="stable")
+        on_key = on_key[order]
+        on_x = data[is_masked][order]
+        on_w = np.broadcast_to(weight, data.shape)[is_masked][order]
+        group_start = np.searchsorted(on_key, masked_key, side="left")
+        member = np.arange(on_key.size) - np.repeat(group_start, np.diff(np.r_[group_start, on_key.size]))
+        point = np.searchsorted(masked_key, on_key)
+        sitting_x = np.zeros((masked_key.size, int(member.max()) + 1))
+        sitting_w = np.zeros_like(sitting_x, dtype=np.int64)
+        sitting_x[point, member] = on_x
+        sitting_w[point, member] = on_w
+        # The rules (j, i) with row_step * j + col_step * i = m, as [P, W] with a validity mask.
+        # M = 400: j + i = m, j = max(0, m - 399) .. min(399, m). M = 401: 399 j = m (mod 400),
+        # so j = -m mod 400 or that + 400, and i = (m - 399 j) / 400 must lie in [0, 400).
+        for wide in (False, True):
+            sel = np.flatnonzero(is401[m_col] == wide)
+            if sel.size == 0:
+                continue
+            col, m = m_col[sel], m_at[sel, None]
+            if wide:
+                rule_j = (-m) % 400 + 400 * np.arange(2)[None, :]
+                rest = m - 399 * rule_j
+                rule_i = rest // 400
+                valid = (rule_j <= 400) & (rest >= 0) & (rest % 400 == 0) & (rule_i < 400)
+            else:
+                rule_j = np.maximum(0, m - (_NUM_LEFT_EDGES - 1)) + np.arange(400)[None, :]
+                rule_i = m - rule_j
+                valid = (rule_j <= np.minimum(399, m)) & (rule_i >= 0)
+            rule_j = np.where(valid, rule_j, 0)
+            rule_i = np.where(valid, rule_i, 0)
+            right = _grid_element(
+                rule_j, r_min[col, None], r_max[col, None], num_right[col, None]
+            )
+            left = _left_edge_values(right, width[col, None], rule_i)
+            below = np.broadcast_to(m_below[sel, None], left.shape).copy()
+            for g in range(sitting_x.shape[1]):
+                below += sitting_w[sel, g, None] * (sitting_x[sel, g, None] < left)
+            index = np.maximum(right_counts[col[:, None], rule_j] - below, 0)
+            index[~valid] = 0
+            _row_segment_max(table.take(index).max(axis=1), col, best)  # col is sorted
+
+    for c in np.flatnonzero(~lattice | dense):  # per-example path (never for confidences)
+        best[c] = _interval_family_best(peaky[c], other[c], float(width[c]))
+    return best
+
+
+def _grid_element(i: np.ndarray, start: np.ndarray, stop: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Element i of np.linspace(start, stop, size), elementwise (`[P]` each), the same floats."""
+    step = (stop - start) / (size - 1)
+    return np.where(i == size - 1, stop, i.astype(np.float64) * step + start)
+
+
+def _epsilons_batched(unlearned_rows: np.ndarray, retrained_rows: np.ndarray) -> np.ndarray:
+    """Official epsilon of each row pair: `[K, n]` unlearned and `[K, n]` retrained confidences
+    (one row per column of the metric, same n in both banks). float64 `[K]`, equal to
+    `_example_epsilon_fast` row by row (tested)."""
+    num_cols, n = unlearned_rows.shape
+    out = np.empty(num_cols)
+    table = _epsilon_table(n, n)
+    chunk = max(16, _BATCH_VALUES // n)
+    for lo in range(0, num_cols, chunk):
+        u = unlearned_rows[lo : lo + chunk]
+        r = retrained_rows[lo : lo + chunk]
+        median_u = np.median(u, axis=1)
+        median_r = np.median(r, axis=1)
+        u, r = np.sort(u, axis=1), np.sort(r, axis=1)
+        swap = (median_r > median_u)[:, None]  # spec 1.2: retrained positive iff strictly higher
+        pos, neg = np.where(swap, r, u), np.where(swap, u, r)
+        range_pos = pos[:, -1] - pos[:, 0]
+        range_neg = neg[:, -1] - neg[:, 0]
+        widest = np.maximum(range_pos, range_neg)
+        narrowest = np.minimum(range_pos, range_neg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            degenerate = (widest == 0.0) | (narrowest / widest < DEGENERATE_SPREAD_RATIO)
+        eps = np.where(
+            widest == 0.0, np.where(pos[:, 0] == neg[:, 0], 0.0, EPSILON_CAP), EPSILON_CAP
+        )
+        run = ~degenerate
+        if run.any():
+            p, q = pos[run], neg[run]
+            best = _single_family_best_batched(p, q, table)
+            # spec 1.4: the interval family targets the bank with the smaller range (ties: neg)
+            flip = (range_pos >= range_neg)[run][:, None]
+            peaky, other = np.where(flip, q, p), np.where(flip, p, q)
+            best = np.maximum(best, _interval_family_best_batched(
+                peaky, other, narrowest[run], table
+            ))
+            eps[run] = np.minimum(best, np.float32(EPSILON_CAP)).astype(np.float64)
+        out[lo : lo + chunk] = eps
+    return out
+
+
 def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
     """Official per-example epsilon of the NeurIPS 2023 unlearning challenge (spec 1.2-1.5).
 
@@ -566,6 +950,13 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
         float64 `[num_examples]`, each value in [0, 50].
     """
     u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] == r.shape[0]:
+        return _epsilons_batched(np.ascontiguousarray(u.T), np.ascontiguousarray(r.T))
+    return _per_example_epsilons_fast(u, r)
+
+
+def _per_example_epsilons_fast(u: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """`per_example_epsilons` one example at a time (banks of any sizes, checked)."""
     # One sort per bank for all examples; rows of the transposes are the examples' sorted columns.
     u_sorted = np.ascontiguousarray(np.sort(u, axis=0).T)
     r_sorted = np.ascontiguousarray(np.sort(r, axis=0).T)
@@ -607,6 +998,44 @@ def _forget_quality_unchecked(unlearned: np.ndarray, retrained: np.ndarray) -> f
     return float(
         np.mean(example_scores(per_example_epsilons(unlearned, retrained), unlearned.shape[0]))
     )
+
+
+_COLUMNS_PER_CALL = 8192  # columns handed to `_epsilons_batched` at once (bounds the copies)
+
+
+def _forget_qualities(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    unlearned_rows: np.ndarray,
+    retrained_rows: np.ndarray,
+) -> np.ndarray:
+    """F of many pairs of sub-banks in one batched pass: pair g scores the models
+    unlearned[unlearned_rows[g]] against retrained[retrained_rows[g]].
+
+    Args:
+        unlearned, retrained: checked `[num_models_u, num_examples]`, `[num_models_r, E]` banks.
+        unlearned_rows, retrained_rows: int `[G, m]` model indices (repeats allowed: bootstrap).
+
+    Returns:
+        float64 `[G]`, each equal to `_forget_quality_unchecked` on that pair's banks (the same
+        epsilons column by column, and F is a sum of powers of two divided once by E, exact in
+        any order of summation).
+    """
+    num_pairs, m = unlearned_rows.shape
+    num_examples = unlearned.shape[1]
+    u_t = np.ascontiguousarray(unlearned.T)  # [E, num_models]: a model's values are a column
+    r_t = np.ascontiguousarray(retrained.T)
+    out = np.empty(num_pairs)
+    per_call = max(1, _COLUMNS_PER_CALL // max(num_examples, 1))
+    for lo in range(0, num_pairs, per_call):
+        rows_u = unlearned_rows[lo : lo + per_call]
+        rows_r = retrained_rows[lo : lo + per_call]
+        # [g, E, m] -> one row per (pair, example)
+        u_cols = u_t[:, rows_u].transpose(1, 0, 2).reshape(-1, m)
+        r_cols = r_t[:, rows_r].transpose(1, 0, 2).reshape(-1, m)
+        eps = _epsilons_batched(u_cols, r_cols)
+        out[lo : lo + per_call] = example_scores(eps, m).reshape(-1, num_examples).mean(axis=1)
+    return out
 
 
 def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
@@ -704,13 +1133,18 @@ def calibrated_ceiling(
     method: list[float] = []
     if half >= 3 and r.shape[1] > 0:
         rng = np.random.default_rng(seed)
+        first, second, picks = [], [], []
         for _ in range(repeats):
             order = rng.permutation(r.shape[0])
-            ref_half = r[order[half : 2 * half]]
-            scores.append(_forget_quality_unchecked(r[order[:half]], ref_half))
+            first.append(order[:half])
+            second.append(order[half : 2 * half])  # the reference half of this split
             if u is not None:
-                pick = rng.permutation(u.shape[0])[:half]
-                method.append(_forget_quality_unchecked(u[pick], ref_half))
+                picks.append(rng.permutation(u.shape[0])[:half])
+        # All splits in one batched pass: F(first half vs second half) for the ceiling, and
+        # F(picked unlearned models vs the same second half) for the method.
+        scores = _forget_qualities(r, r, np.array(first), np.array(second)).tolist()
+        if u is not None:
+            method = _forget_qualities(u, r, np.array(picks), np.array(second)).tolist()
     value = float(np.mean(scores)) if scores else math.nan
     out: CalibratedCeiling = {
         "forget_quality": value, "num_models": half, "per_split": scores, "seed": seed,
@@ -770,15 +1204,21 @@ def bootstrap_forget_quality(
         raise ValueError(f"num_resamples must be at least 2, got {num_resamples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    n = u.shape[0]
-    scores = np.array(
-        [
-            _forget_quality_unchecked(u[rng.integers(0, n, n)], r[rng.integers(0, n, n)])
-            for _ in range(num_resamples)
-        ]
-    )
+    rows_u, rows_r = _bootstrap_rows(u.shape[0], num_resamples, seed)
+    scores = _forget_qualities(u, r, rows_u, rows_r)  # one batched pass over all resamples
     low, high = np.quantile(scores, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     centre = _forget_quality_unchecked(u, r)
     shift = centre - float(np.mean(scores))
     return float(np.clip(low + shift, 0.0, 1.0)), float(np.clip(high + shift, 0.0, 1.0))
+
+
+def _bootstrap_rows(num_models: int, num_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The models each resample draws: int `[num_resamples, num_models]` for the unlearned bank and
+    for the reference bank, drawn with replacement (resample by resample, unlearned first)."""
+    rng = np.random.default_rng(seed)
+    rows_u = np.empty((num_resamples, num_models), dtype=np.int64)
+    rows_r = np.empty_like(rows_u)
+    for b in range(num_resamples):
+        rows_u[b] = rng.integers(0, num_models, num_models)
+        rows_r[b] = rng.integers(0, num_models, num_models)
+    return rows_u, rows_r
