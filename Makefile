@@ -35,11 +35,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Every benchmark; their output, the machine and the commit go to benchmarks/results/latest.txt
 bench: install
-	$(BIN)/python benchmarks/bench_metrics.py
-	$(BIN)/python benchmarks/bench_attacks.py
-	$(BIN)/python benchmarks/bench_demo.py
-	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/run_all.py
 
 ## GPU tests + GPU benchmark in <= 8 minutes; results in $$UNLEARN_BENCH_OUT (default benchmarks/out)
 bench-gpu: install
