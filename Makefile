@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 N      ?= 100
 
-.PHONY: install demo test test-all lint format bench bench-gpu clean
+.PHONY: install demo test test-fast lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+## The suite without the end-to-end runs marked slow (seconds, for the edit-test loop).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check .
 
@@ -31,11 +35,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Every benchmark; their output, the machine and the commit go to benchmarks/results/latest.txt
 bench: install
-	$(BIN)/python benchmarks/bench_metrics.py
-	$(BIN)/python benchmarks/bench_attacks.py
-	$(BIN)/python benchmarks/bench_demo.py
-	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/run_all.py
 
 ## GPU tests + GPU benchmark in <= 8 minutes; results in $$UNLEARN_BENCH_OUT (default benchmarks/out)
 bench-gpu: install

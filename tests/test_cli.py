@@ -153,7 +153,11 @@ def test_incompatible_config(store_copy):
 def test_methods_listing():
     result, out = invoke("methods")
     assert result.exit_code == 0
-    assert "finetune" in out and "reset-head" in out and "none" in out
+    from unlearn_cli.methods import REGISTRY
+
+    listed = {line.split()[0] for line in out.splitlines() if line.strip()}
+    missing = sorted(set(REGISTRY) - listed)
+    assert not missing, f"built-in methods not listed: {missing}"
 
 
 def test_score_writes_the_report(store_copy, tmp_path):

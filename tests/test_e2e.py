@@ -1,6 +1,7 @@
 """End to end on the digits default with a small N: the files produced and the numbers."""
 
 import json
+import math
 import textwrap
 
 import numpy as np
@@ -62,8 +63,40 @@ def test_report_fields(trained_store, tmp_path):
         assert set(rep["utility"][part]) >= {"unlearned", "retrained"}
     assert set(rep["runtime"]["seconds_per_model"]) == {"unlearned", "retrained"}
     assert rep["runtime"]["ratio"] > 0
-    n_forget = len(Store(trained_store).load_split()["forget"])
+    split = Store(trained_store).load_split()
+    n_forget = len(split["forget"])
     assert len(rep["per_example"]["index"]) == len(rep["per_example"]["epsilon"]) == n_forget
+    # The values, not only the keys: each derived number follows from the report's own parts.
+    assert rep["per_example"]["index"] == split["forget"].tolist()
+    n = rep["num_models"]["scored"]
+    assert n == 6 and rep["num_models"] == {"retrained": 6, "unlearned": 6, "scored": 6}
+    buckets = math.ceil(math.log(n - 1)) / 0.5  # worth 2^-k for k < buckets, else 0
+    for eps, h in zip(rep["per_example"]["epsilon"], rep["per_example"]["score"]):
+        assert 0 <= eps <= 50
+        k = math.floor(eps / 0.5)
+        assert h == (2.0 ** -k if k < buckets else 0.0)
+    assert rep["forget_quality"] == pytest.approx(sum(rep["per_example"]["score"]) / n_forget)
+    lo, hi = rep["forget_quality_interval"]
+    assert 0 <= lo <= hi <= 1
+    for part in ("retain_accuracy", "test_accuracy", "forget_accuracy"):
+        u = rep["utility"][part]
+        assert 0 < u["unlearned"] <= 1 and 0 < u["retrained"] <= 1
+        assert u["ratio"] == pytest.approx(u["unlearned"] / u["retrained"])
+    ra, ta = rep["utility"]["retain_accuracy"]["ratio"], rep["utility"]["test_accuracy"]["ratio"]
+    assert rep["final_score"] == pytest.approx(rep["forget_quality"] * ra * ta)
+    assert rep["final_score_clipped"] == pytest.approx(
+        rep["forget_quality"] * min(ra, 1) * min(ta, 1))
+    secs = rep["runtime"]["seconds_per_model"]
+    assert rep["runtime"]["ratio"] == pytest.approx(secs["unlearned"] / secs["retrained"])
+    assert rep["runtime"]["over_gate"] == (rep["runtime"]["ratio"] > 0.2)
+    # `none` returns the original: its runs are identical, so every example is capped (F = 0),
+    # and its accuracies are the original model's.
+    none = by_name["none"]
+    assert none["forget_quality"] == 0.0 and set(none["per_example"]["epsilon"]) == {50.0}
+    assert none["utility"]["test_accuracy"]["unlearned"] == pytest.approx(
+        none["original"]["test_accuracy"])
+    # The terminal shows the same F as the file.
+    assert f"{rep['forget_quality']:.4f}" in result.output
 
 
 def test_larger_n_trains_only_the_missing(trained_store, tmp_path):
