@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import MethodError, StoreError, UnlearnError
+from .errors import MethodError, OutputsError, StoreError, UnlearnError
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .methods import check_method_sections, is_plugin, method_params, resolve
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
@@ -164,7 +164,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
             save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
-        except MethodError as exc:
+        except (MethodError, OutputsError) as exc:  # OutputsError: e.g. 20 logits for 10 classes
             failures.append(str(exc))
             continue
         progress(1)

@@ -39,13 +39,23 @@ from typing import Any
 import numpy as np
 
 from .config import Config, diff_sections, from_mapping, identity
-from .errors import StoreError, UnlearnError
+from .errors import OutputsError, StoreError, UnlearnError
 
 SCHEMA = "unlearn.store/1"
 TMP_MARK = ".tmp-"
 ORIGINAL = "original"
 REFERENCE = "reference"
 UNLEARNED = "unlearned"
+
+# What every model's outputs.npz must hold: name -> (the split part that sizes its first axis,
+# whether it has a class axis, the numpy dtype kinds allowed). `training.per_sample_outputs` makes
+# them; `score` reads them. Checked when written and when read (`check_outputs`).
+OUTPUTS = {
+    "forget_logits": ("forget", True, "f"),  # float [F, C]
+    "test_logits": ("test", True, "f"),  # float [T, C]
+    "retain_loss": ("retain", False, "f"),  # float [R], cross-entropy
+    "retain_correct": ("retain", False, "b"),  # bool [R]
+}
 
 
 def default_store(cfg: Config) -> Path:
@@ -136,6 +146,7 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
 
     # layout -----------------------------------------------------------------
     @property
@@ -176,25 +187,31 @@ class Store:
                 "or was damaged: use a new --store"
             ) from None
 
-    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray]) -> None:
-        """Create the experiment, or check that an existing one matches `cfg` and `split`."""
+    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
+                        num_classes: int | None = None) -> None:
+        """Create the experiment, or check that an existing one matches `cfg` and `split`.
+
+        num_classes: the dataset's class count, recorded so that every model's outputs can be
+        checked against it (stores made before it was recorded read it from the original model).
+        """
         split_hash = hash_split(split)
         if self.exists():
             self.check_compatible(cfg, split_hash=split_hash)
             return
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
-        atomic_write_json(
-            self.experiment_file,
-            {
-                "schema": SCHEMA,
-                "config": cfg.to_dict(),
-                "config_hash": cfg.identity_hash(),
-                "split_hash": split_hash,
-                "versions": versions(),
-                "created": now(),
-            },
-        )
+        self._split = None
+        record = {
+            "schema": SCHEMA,
+            "config": cfg.to_dict(),
+            "config_hash": cfg.identity_hash(),
+            "split_hash": split_hash,
+            "versions": versions(),
+            "created": now(),
+        }
+        if num_classes is not None:
+            record["num_classes"] = int(num_classes)
+        atomic_write_json(self.experiment_file, record)
 
     def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
         """Refuse a store made under other data/model/train settings, naming the differences."""
@@ -223,8 +240,77 @@ class Store:
         return exp
 
     def load_split(self) -> dict[str, np.ndarray]:
-        arrays, _ = self._load_npz(self.split_file)
-        return arrays
+        """The split's index arrays (and labels), read once per Store object."""
+        if self._split is None:
+            self._split, _ = self._load_npz(self.split_file)
+        return self._split
+
+    def num_classes(self) -> int | None:
+        """The class count every model's logits must have; None when the store cannot tell."""
+        exp = self.read_experiment()
+        if isinstance(exp.get("num_classes"), int):
+            return exp["num_classes"]
+        path = self.model_dir(ORIGINAL) / "outputs.npz"  # a store from before it was recorded
+        if path.is_file():
+            arrays, _ = self._load_npz(path)
+            logits = arrays.get("forget_logits")
+            if logits is not None and logits.ndim == 2:
+                return int(logits.shape[1])
+        return None
+
+    # checks ----------------------------------------------------------------------
+    def describe(self, kind: str, seed: int | None = None, method: str | None = None) -> str:
+        """A model as a user names it: `reference model seed 7`, `finetune run seed 1000003`."""
+        if kind == ORIGINAL:
+            return "the original model"
+        if kind == REFERENCE:
+            return f"reference model seed {seed}"
+        return f"{method} run seed {seed}"
+
+    def redo_command(self, kind: str, method: str | None = None) -> str:
+        """The command that makes a model of this kind again, as far as the store holds them.
+
+        Both commands redo a damaged or incomplete model themselves (see `damaged`); the count
+        keeps a rerun from training more models than the store had.
+        """
+        if kind == UNLEARNED:
+            seeds = self.done_seeds(UNLEARNED, method)
+            # Unlearning seeds are UNLEARN_SEED_BASE + run index (apply.py).
+            count = f" --num-models {max(seeds) - 1_000_000 + 1}" if seeds else ""
+            return f"unlearn apply --method {method} --store {self.root}{count}"
+        seeds = self.done_seeds(REFERENCE)
+        count = f" --num-models {max(seeds) + 1}" if seeds else ""
+        return f"unlearn train-refs --store {self.root}{count}"
+
+    def check_outputs(self, arrays: Mapping[str, np.ndarray], *, kind: str, seed: int | None,
+                      method: str | None = None) -> str | None:
+        """What is wrong with one model's outputs (see OUTPUTS), or None if they fit.
+
+        Checks every key against the split's sizes and the class count, the dtypes, and that the
+        numbers are finite (a diverged model's NaN would make every score of the store NaN).
+        """
+        split = self.load_split()
+        classes = self.num_classes()
+        for key, (part, has_classes, kinds) in OUTPUTS.items():
+            if key not in arrays:
+                return f"{key} is missing (found: {', '.join(sorted(arrays)) or 'nothing'})"
+            value = arrays[key]
+            rows = len(split[part])
+            if has_classes:
+                cols = classes if classes is not None else (value.shape[-1] if value.ndim else 0)
+                if value.ndim != 2 or value.shape != (rows, cols) or cols < 2:
+                    want = f"({rows}, {classes})" if classes is not None else f"({rows}, classes)"
+                    return (f"{key} has shape {tuple(value.shape)}, expected {want}: {rows} "
+                            f"{part} examples" + (f", {classes} classes" if classes else ""))
+            elif value.shape != (rows,):
+                return (f"{key} has shape {tuple(value.shape)}, expected ({rows},): one value per "
+                        f"{part} example")
+            if value.dtype.kind not in kinds:
+                return f"{key} has dtype {value.dtype}, expected " + (
+                    "bool" if kinds == "b" else "floating point")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                return f"{key} holds NaN or infinity (a diverged model)"
+        return None
 
     # writers -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -268,6 +354,18 @@ class Store:
 
     def save_outputs(self, kind: str, seed: int | None, arrays: Mapping[str, np.ndarray],
                      meta: Mapping[str, Any], *, method: str | None = None) -> Path:
+        """Store a model's per-sample outputs (this marks it done), after checking them.
+
+        Outputs that do not fit the experiment (another class count, a wrong split, NaN) raise
+        OutputsError and nothing is written: stored, they would spoil every score of the store.
+        """
+        problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+        if problem:
+            raise OutputsError(
+                f"{self.describe(kind, seed, method)}: its outputs do not fit the experiment "
+                f"({problem}); nothing was stored for it: fix the model or method (one output per "
+                "class) and rerun"
+            )
         path = self.model_dir(kind, seed, method) / "outputs.npz"
         atomic_write_bytes(path, _npz_bytes(arrays, meta))
         return path
@@ -345,7 +443,25 @@ class Store:
 
     def load_outputs(self, kind: str, seed: int | None = None,
                      method: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return self._load_npz(self.model_dir(kind, seed, method) / "outputs.npz")
+        """One model's outputs (see OUTPUTS) and provenance, refused unless they fit the store.
+
+        Returns float `forget_logits` [F, C], `test_logits` [T, C], `retain_loss` [R] and bool
+        `retain_correct` [R]. A damaged or foreign file is an OutputsError naming the model, the
+        file and the command that makes it again.
+        """
+        path = self.model_dir(kind, seed, method) / "outputs.npz"
+        try:
+            arrays, meta = self._load_npz(path)
+        except StoreError as exc:
+            raise OutputsError(f"{self.describe(kind, seed, method)}: {exc}; "
+                               f"`{self.redo_command(kind, method)}` makes it again") from None
+        problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+        if problem:
+            raise OutputsError(
+                f"{self.describe(kind, seed, method)}: {path} does not fit the experiment "
+                f"({problem}); `{self.redo_command(kind, method)}` makes it again"
+            )
+        return arrays, meta
 
     def load_model(self, kind: str, seed: int | None = None,
                    method: str | None = None) -> dict[str, Any]:
@@ -368,18 +484,18 @@ class Store:
         return payload
 
     def _load_npz(self, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and the JSON `meta` of an npz file; a missing or damaged file is a StoreError
+        whose message names the file (callers add the command that makes it again)."""
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store is incomplete: rerun the command "
-                             "that writes it")
+            raise StoreError(f"{path} is missing")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not a JSON object")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise StoreError(
-                f"{path} is damaged or truncated ({type(exc).__name__}); delete its folder "
-                f"{path.parent} and rerun the command that made it"
-            ) from None
+            raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
 
 

@@ -44,6 +44,12 @@ def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
     return split
 
 
+def _num_classes(cfg: Config) -> int:
+    from .data import load_dataset
+
+    return load_dataset(cfg.data).num_classes  # cached: prepare_split has just loaded it
+
+
 def choose_engine(cfg: Config, device: str) -> str:
     """ensemble on CPU for models without buffers (many small models at once); loop otherwise."""
     if cfg.train.engine != "auto":
@@ -74,7 +80,7 @@ def run(
         store.check_compatible(cfg)  # fail fast, before touching anything
     split = prepare_split(cfg)
     with store.writing():
-        store.init_experiment(cfg, split)
+        store.init_experiment(cfg, split, num_classes=_num_classes(cfg))
         done = set(store.done_seeds(REFERENCE))
         missing = [s for s in range(num_models) if s not in done]
         need_original = not store.is_done(ORIGINAL)
