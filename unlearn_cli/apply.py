@@ -28,6 +28,8 @@ class ApplyResult:
     trained: list[int]
     reused: list[int]
     outcomes: list[JobOutcome]
+    # Runs that were stored but damaged or incomplete, and were made again: what was wrong.
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def unlearn_seed(run_index: int) -> int:
@@ -76,6 +78,11 @@ def run(
     }
     with store.writing():
         store.save_method(method_spec, record)
+        redone = {}
+        for seed, problem in store.damaged(UNLEARNED, [unlearn_seed(i) for i in range(n)],
+                                           method_spec).items():
+            store.discard(UNLEARNED, seed, method_spec)
+            redone[store.describe(UNLEARNED, seed, method_spec)] = problem
         done = set(store.done_seeds(UNLEARNED, method_spec))
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
@@ -95,7 +102,7 @@ def run(
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
-    return ApplyResult(store.root, method_spec, missing, reused, outcomes)
+    return ApplyResult(store.root, method_spec, missing, reused, outcomes, redone)
 
 
 # ------------------------------------------------------------------ worker side

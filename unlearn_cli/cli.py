@@ -118,6 +118,13 @@ def _resolve(config: Path | None, overrides: list[str] | None, store: Path | Non
     return cfg, store if store is not None else default_store(cfg)
 
 
+def _print_redone(redone: dict[str, str]) -> None:
+    """Name the damaged models a command found and made again (they were not reused)."""
+    for who, problem in redone.items():
+        console.print(f"[yellow]{who} was damaged ({problem}): made again[/yellow]",
+                      highlight=False)
+
+
 class _Bar:
     """A rich progress bar fed by the launcher's events (models done, ETA)."""
 
@@ -186,6 +193,7 @@ def train_refs_cmd(
                                 on_plan=bar.plan)
     finally:
         bar.close()
+    _print_redone(result.redone)
     console.print(
         f"store {result.store}: {len(result.trained)} reference model(s) trained, "
         f"{len(result.reused)} reused" + (", original trained" if result.trained_original else "")
@@ -235,6 +243,7 @@ def apply_cmd(
                            on_event=bar.event, on_plan=bar.plan)
     finally:
         bar.close()
+    _print_redone(result.redone)
     console.print(f"store {result.store}: {len(result.trained)} run(s) of {result.method} done, "
                   f"{len(result.reused)} reused")
 

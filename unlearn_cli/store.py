@@ -32,7 +32,7 @@ import platform
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,7 @@ class Store:
         split_hash = hash_split(split)
         if self.exists():
             self.check_compatible(cfg, split_hash=split_hash)
+            self.repair_split(split)
             return
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
@@ -242,8 +243,35 @@ class Store:
     def load_split(self) -> dict[str, np.ndarray]:
         """The split's index arrays (and labels), read once per Store object."""
         if self._split is None:
-            self._split, _ = self._load_npz(self.split_file)
+            try:
+                self._split, _ = self._load_npz(self.split_file)
+            except StoreError as exc:
+                raise StoreError(f"{exc}; `{self.redo_command(REFERENCE)}` writes it again "
+                                 "from the store's config") from None
         return self._split
+
+    def repair_split(self, split: Mapping[str, np.ndarray]) -> bool:
+        """Write split.npz again if it is missing or damaged and `split` is the recorded one.
+
+        `split` is recomputed from the config by the caller; its hash must equal the one in
+        experiment.json (checked by `init_experiment` first). Returns True if it was rewritten.
+        """
+        try:
+            if hash_split(self._load_npz(self.split_file)[0]) == self.read_experiment().get(
+                    "split_hash"):
+                return False
+        except StoreError:
+            pass
+        split_hash = hash_split(split)
+        if split_hash != self.read_experiment().get("split_hash"):
+            raise StoreError(
+                f"{self.split_file} is damaged and the config gives another split "
+                f"({split_hash}, {self.read_experiment().get('split_hash')} recorded); "
+                "use a new --store"
+            )
+        atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
+        self._split = None
+        return True
 
     def num_classes(self) -> int | None:
         """The class count every model's logits must have; None when the store cannot tell."""
@@ -311,6 +339,40 @@ class Store:
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 return f"{key} holds NaN or infinity (a diverged model)"
         return None
+
+    def damaged(self, kind: str, seeds: Iterable[int | None] = (None,),
+                method: str | None = None) -> dict[int | None, str]:
+        """Models that look done (their outputs.npz exists) but are damaged or incomplete.
+
+        seed -> what is wrong: outputs.npz unreadable or not fitting the experiment, model.pt
+        missing or not a complete checkpoint. Reads every outputs.npz; of model.pt only the zip
+        directory at its end (a truncated or foreign file fails there), except for the original,
+        which every unlearning run starts from, whose every byte is checked against its CRCs.
+        """
+        found: dict[int | None, str] = {}
+        for seed in seeds:
+            folder = self.model_dir(kind, seed, method)
+            outputs = folder / "outputs.npz"
+            if not outputs.is_file():
+                continue  # not done: it will be made anyway
+            try:
+                arrays, _ = self._load_npz(outputs)
+                problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+            except StoreError as exc:
+                problem = str(exc)
+            if problem is None:
+                problem = _checkpoint_problem(folder / "model.pt", every_byte=kind == ORIGINAL)
+            if problem:
+                found[seed] = problem
+        return found
+
+    def discard(self, kind: str, seed: int | None = None, method: str | None = None) -> None:
+        """Forget a damaged model so that it is made again: its outputs.npz (the mark of a
+        finished model) goes first, then its checkpoint. Only call while holding the lock."""
+        folder = self.model_dir(kind, seed, method)
+        for name in ("outputs.npz", "model.pt"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
 
     # writers -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -382,7 +444,7 @@ class Store:
                 stored = json.loads(path.read_text())
             except ValueError:
                 raise StoreError(
-                    f"{path} is damaged (not JSON); delete it and rerun `unlearn apply`"
+                    f"{path} is damaged (not JSON); delete {path} and rerun this command"
                 ) from None
             diffs = diff_sections(stored.get("params", {}), dict(record.get("params", {})))
             if diffs or stored.get("spec") != record.get("spec"):
@@ -424,9 +486,11 @@ class Store:
             if rec.is_file() and self.done_seeds(UNLEARNED, child.name):
                 try:
                     found.append((rec.stat().st_mtime, json.loads(rec.read_text())["name"]))
-                except (ValueError, KeyError):
-                    raise StoreError(f"{rec} is damaged; delete it and rerun `unlearn apply` "
-                                     "for that method") from None
+                except (ValueError, KeyError, TypeError):
+                    raise StoreError(
+                        f"{rec} is damaged; delete {rec} and rerun `unlearn apply --method "
+                        f"{child.name} --store {self.root}` (the method of that folder)"
+                    ) from None
         return [name for _, name in sorted(found)]
 
     def method_record(self, method: str) -> dict[str, Any]:
@@ -437,7 +501,7 @@ class Store:
             return json.loads(path.read_text())
         except ValueError:
             raise StoreError(
-                f"{path} is damaged (not JSON); delete it and rerun `unlearn apply --method "
+                f"{path} is damaged (not JSON); delete {path} and rerun `unlearn apply --method "
                 f"{method} --store {self.root}`"
             ) from None
 
@@ -469,17 +533,16 @@ class Store:
         import torch
 
         path = self.model_dir(kind, seed, method) / "model.pt"
+        redo = f"`{self.redo_command(kind, method)}` finds it and makes it again"
         if not path.is_file():
-            raise StoreError(f"checkpoint {path} is missing; run `unlearn train-refs "
-                             f"--store {self.root}` to train it")
+            raise StoreError(f"checkpoint {path} is missing; {redo}")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             payload["meta"] = json.loads(payload["meta"])
             payload["state_dict"], payload["model"]  # noqa: B018 (presence check)
         except Exception as exc:  # noqa: BLE001 (any failure to read means a damaged file)
             raise StoreError(
-                f"checkpoint {path} is damaged or truncated ({type(exc).__name__}); delete it and "
-                f"rerun `unlearn train-refs --store {self.root}` to train it again"
+                f"checkpoint {path} is damaged or truncated ({type(exc).__name__}); {redo}"
             ) from None
         return payload
 
@@ -497,6 +560,22 @@ class Store:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
+
+
+def _checkpoint_problem(path: Path, *, every_byte: bool) -> str | None:
+    """What is wrong with a model.pt (torch.save writes a zip file), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
+                return f"{path.name} is empty"
+            bad = archive.testzip() if every_byte else None
+        if bad is not None:
+            return f"{path.name} is damaged ({bad} fails its CRC)"
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        return f"{path.name} is damaged or truncated ({type(exc).__name__})"
+    return None
 
 
 def hash_split(split: Mapping[str, np.ndarray]) -> str:

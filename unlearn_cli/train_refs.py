@@ -31,6 +31,8 @@ class TrainRefsResult:
     trained: list[int]  # reference seeds trained by this run
     reused: list[int]  # reference seeds already stored
     outcomes: list[JobOutcome]
+    # Models that were stored but damaged or incomplete, and were trained again: what was wrong.
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
@@ -81,6 +83,14 @@ def run(
     split = prepare_split(cfg)
     with store.writing():
         store.init_experiment(cfg, split, num_classes=_num_classes(cfg))
+        # A model that looks done but is damaged (model.pt unreadable or missing, outputs that do
+        # not fit) is forgotten here and trained again below, so that rerunning this command is
+        # the fix for every damaged reference model and for a damaged original.
+        redone = {}
+        for kind, seeds in ((ORIGINAL, [None]), (REFERENCE, range(num_models))):
+            for seed, problem in store.damaged(kind, seeds).items():
+                store.discard(kind, seed)
+                redone[store.describe(kind, seed)] = problem
         done = set(store.done_seeds(REFERENCE))
         missing = [s for s in range(num_models) if s not in done]
         need_original = not store.is_done(ORIGINAL)
@@ -102,7 +112,8 @@ def run(
             on_plan(count, len(done & set(range(num_models))) + int(not need_original))
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="training", kept="the other models are stored")
-    return TrainRefsResult(store.root, need_original, missing, sorted(done), outcomes)
+    return TrainRefsResult(store.root, need_original, missing,
+                           sorted(done & set(range(num_models))), outcomes, redone)
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
