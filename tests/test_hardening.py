@@ -7,6 +7,7 @@ through the CLI as a user types them, and every fix an error message names is fo
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 import shutil
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tree_digest
+from conftest import FAST, tree_digest
 from typer.testing import CliRunner
 
 from unlearn_cli.cli import app
+from unlearn_cli.errors import StoreError
 from unlearn_cli.store import REFERENCE, UNLEARNED, Store
 
 runner = CliRunner()
@@ -39,6 +41,10 @@ def store_copy(trained_store, tmp_path):
     dst = tmp_path / "copy"
     shutil.copytree(trained_store, dst)
     return dst
+
+
+def sets():
+    return [x for s in FAST for x in ("--set", s)]
 
 
 def rewrite_npz(path, change):
@@ -184,3 +190,90 @@ def test_train_refs_finds_damaged_and_incomplete_models_and_redoes_them(store_co
     s.load_model("original")  # whole again
     code, out = invoke("train-refs", "--num-models", 6, "--store", store_copy)
     assert code == 0 and "nothing to do" in out, out
+
+
+# ------------------------------------------------------------------ 5. the store's identity
+
+
+def _edit_experiment(store, change):
+    path = store / "experiment.json"
+    exp = json.loads(path.read_text())
+    change(exp)
+    path.write_text(json.dumps(exp))
+
+
+def test_a_hand_edited_experiment_is_refused_before_any_training(store_copy):
+    _edit_experiment(store_copy, lambda e: e["config"]["train"].update(epochs=5))
+    before = tree_digest(store_copy)
+    code, out = invoke("train-refs", "--num-models", 7, "--store", store_copy)
+    assert code == 1 and "experiment.json was edited" in error_line(out), out
+    code, out = invoke("score", "--store", store_copy, "--bootstrap", 0)
+    assert code == 1 and "experiment.json was edited" in error_line(out), out
+    assert tree_digest(store_copy) == before  # model 6 was not trained with 5 epochs
+
+
+def test_an_edit_that_also_rewrote_the_hash_is_refused_by_the_models(store_copy):
+    from unlearn_cli.config import from_mapping
+
+    def change(exp):
+        exp["config"]["train"]["epochs"] = 5
+        exp["config_hash"] = from_mapping(exp["config"]).identity_hash()
+
+    _edit_experiment(store_copy, change)
+    code, out = invoke("train-refs", "--num-models", 7, "--store", store_copy)
+    line = error_line(out)
+    assert code == 1 and "mixes models made under other settings" in line, out
+    assert "the original model" in line and "reference model seed 0" in line
+    assert not (store_copy / "reference" / "seed-000006").exists()
+
+
+def test_a_bank_whose_models_disagree_is_refused(store_copy):
+    path = store_copy / "reference" / "seed-000004" / "outputs.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["config_hash"] = "0123456789abcdef"  # made under another config
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path.with_suffix(".tmp.npz"), **arrays)
+    path.with_suffix(".tmp.npz").replace(path)
+    code, out = invoke("score", "--store", store_copy, "--bootstrap", 0)
+    line = error_line(out)
+    assert code == 1 and "1 model(s), reference model seed 4" in line, line
+    code, out = invoke("apply", "--method", "none", "--num-models", 7, "--store", store_copy)
+    assert code == 1 and "reference model seed 4" in error_line(out)
+    # Reading that one model alone is refused too: the check is the store's.
+    with pytest.raises(StoreError, match="made under config 0123456789abcdef"):
+        Store(store_copy).load_outputs(REFERENCE, 4)
+
+
+def test_a_deleted_experiment_is_rebuilt_only_from_matching_provenance(store_copy):
+    original = json.loads((store_copy / "experiment.json").read_text())
+    (store_copy / "experiment.json").unlink()
+    code, out = invoke("score", "--store", store_copy, "--bootstrap", 0)
+    line = error_line(out)
+    assert code == 1 and "lost its experiment.json" in line
+    assert f"unlearn train-refs --store {store_copy} --num-models 6" in line
+    before = tree_digest(store_copy)
+    code, out = invoke("train-refs", "--num-models", 6, "--store", store_copy)  # the default config
+    assert code == 1 and "were not made under this config" in error_line(out)
+    assert tree_digest(store_copy) == before
+    code, out = invoke("train-refs", "--num-models", 6, "--store", store_copy, *sets())
+    assert code == 0 and "rebuilt" in out, out
+    rebuilt = json.loads((store_copy / "experiment.json").read_text())
+    assert rebuilt["config_hash"] == original["config_hash"]
+    assert rebuilt["split_hash"] == original["split_hash"]
+    code, out = invoke("score", "--store", store_copy, "--bootstrap", 0)
+    assert code == 0, out
+
+
+def test_every_identity_key_is_known_to_the_hash():
+    """A key added to data/model/train must be listed in config.ADDED_LATER with the value that
+    reproduces older stores, or the hash of every existing store would change."""
+    import dataclasses
+
+    from unlearn_cli.config import ADDED_LATER, FIRST_KEYS, REFERENCE_SECTIONS, Config
+
+    for section in REFERENCE_SECTIONS:
+        fields = {f.name for f in dataclasses.fields(getattr(Config(), section))}
+        known = set(FIRST_KEYS[section]) | set(ADDED_LATER.get(section, {}))
+        assert fields == known, f"{section}: add {sorted(fields - known)} to ADDED_LATER"

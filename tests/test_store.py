@@ -30,7 +30,7 @@ def test_round_trip(tmp_path):
     assert s.exists()
     np.testing.assert_array_equal(s.load_split()["forget"], [0, 1])
     state = {"w": torch.arange(6.0).view(2, 3)}
-    meta = {"seed": 3, "wall_seconds": 0.5}
+    meta = {"seed": 3, "wall_seconds": 0.5, "config_hash": cfg.identity_hash()}
     s.save_model(REFERENCE, 3, state, meta, model_spec={"arch": "mlp"})
     arrays = _outputs()
     s.save_outputs(REFERENCE, 3, arrays, meta)

@@ -68,6 +68,7 @@ def run(
     store = Store(store_root)
     refs = check_ready(store)
     store.check_compatible(cfg)
+    store.check_identity()
     store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
@@ -196,6 +197,7 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     store = Store(store_root)
     check_ready(store)
     store.check_compatible(cfg)
+    store.check_identity()
     original = store.load_model(ORIGINAL)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]

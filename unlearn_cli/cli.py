@@ -194,6 +194,9 @@ def train_refs_cmd(
     finally:
         bar.close()
     _print_redone(result.redone)
+    if result.rebuilt:
+        console.print(f"experiment.json was missing: rebuilt from this config, which the "
+                      f"provenance of all {result.rebuilt} stored model(s) matches")
     console.print(
         f"store {result.store}: {len(result.trained)} reference model(s) trained, "
         f"{len(result.reused)} reused" + (", original trained" if result.trained_original else "")

@@ -92,9 +92,27 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def identity_hash(self) -> str:
-        """A short stable hash of what defines the experiment (see `identity`)."""
-        blob = json.dumps(identity(self.to_dict()), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """A short hash of what defines the experiment (see `identity`), stable across versions.
+
+        Keys added after the first stores were written (ADDED_LATER) are left out while they hold
+        the value that reproduces the older behaviour, so adding a key does not change the hash
+        of the stores and models made before it.
+        """
+        ident = identity(self.to_dict())
+        for section, keys in ADDED_LATER.items():
+            for key, neutral in keys.items():
+                if ident.get(section, {}).get(key, neutral) == neutral:
+                    ident.get(section, {}).pop(key, None)
+        return _hash(ident)
+
+    def identity_hashes(self) -> set[str]:
+        """Every hash a model of this experiment may carry: `identity_hash`, and the hash of the
+        whole identity that versions before ADDED_LATER wrote."""
+        return {self.identity_hash(), _hash(identity(self.to_dict()))}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # The sections that define the reference models: a store made under other values is incompatible.
@@ -102,6 +120,21 @@ REFERENCE_SECTIONS = ("data", "model", "train")
 # Keys in those sections that say where data lives or how to fetch it, not what the models are:
 # moving the data folder must not make a store incompatible.
 NOT_IDENTITY = {"data": ("root", "download")}
+# The keys of those sections that the first stores were written with. Every key added since is in
+# ADDED_LATER with the value (JSON form) that reproduces what stores made before it did: a new key
+# of data, model or train must be added there (a test checks it).
+FIRST_KEYS = {
+    "data": ("dataset", "root", "test_fraction", "forget_size", "split_seed"),
+    "model": ("arch", "hidden"),
+    "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "engine"),
+}
+ADDED_LATER: dict[str, dict[str, Any]] = {
+    "data": {"download": False},
+    "model": {"widths": []},
+    "train": {"nesterov": True, "schedule": "cosine", "label_smoothing": 0.0, "drop_last": False,
+              "crop_padding": 0, "flip": False, "precision": "fp32", "channels_last": False,
+              "compile": "none"},
+}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
         raise UnlearnError(f"--metric {metric!r} is not known; expected one of: "
                            f"{', '.join(METRICS)}")
     store = Store(store_root)
-    store.read_experiment()
+    store.check_identity()  # every model made under the experiment's settings
     stored = store.stored_methods()
     if methods:
         chosen = list(methods)

@@ -46,6 +46,7 @@ TMP_MARK = ".tmp-"
 ORIGINAL = "original"
 REFERENCE = "reference"
 UNLEARNED = "unlearned"
+ModelKey = tuple[str, int | None, str | None]  # (kind, seed, method) of one stored model
 
 # What every model's outputs.npz must hold: name -> (the split part that sizes its first axis,
 # whether it has a class axis, the numpy dtype kinds allowed). `training.per_sample_outputs` makes
@@ -147,6 +148,7 @@ class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
+        self._hashes: set[str] | None = None
 
     # layout -----------------------------------------------------------------
     @property
@@ -175,17 +177,120 @@ class Store:
 
     def read_experiment(self) -> dict[str, Any]:
         if not self.exists():
+            stored = self.stored_models()
+            if stored:
+                raise StoreError(
+                    f"store {self.root} has lost its experiment.json but holds {len(stored)} "
+                    f"model(s); `{self.redo_command(REFERENCE)}` rebuilds it when given the "
+                    "config they were made with (--config, --set), checked against their provenance"
+                )
             raise StoreError(
                 f"no experiment in store {self.root} (experiment.json is missing); "
                 f"run `unlearn train-refs --store {self.root}` first"
             )
         try:
-            return json.loads(self.experiment_file.read_text())
+            exp = json.loads(self.experiment_file.read_text())
+            if not isinstance(exp, dict):
+                raise ValueError("not a JSON object")
+            return exp
         except (OSError, ValueError) as exc:
             raise StoreError(
-                f"{self.experiment_file} is unreadable ({exc}); it was not written by this tool "
-                "or was damaged: use a new --store"
+                f"{self.experiment_file} is unreadable ({exc}); delete {self.experiment_file} "
+                f"and run `{self.redo_command(REFERENCE)}` with the config its models were made "
+                "with: it rebuilds experiment.json after checking that config against their "
+                "provenance"
             ) from None
+
+    def stored_models(self) -> list[ModelKey]:
+        """(kind, seed, method folder) of every model whose outputs.npz exists."""
+        found: list[ModelKey] = []
+        if (self.model_dir(ORIGINAL) / "outputs.npz").is_file():
+            found.append((ORIGINAL, None, None))
+        found += [(REFERENCE, seed, None) for seed in self.done_seeds(REFERENCE)]
+        base = self.root / UNLEARNED
+        if base.is_dir():
+            for child in sorted(base.iterdir()):
+                found += [(UNLEARNED, seed, child.name)
+                          for seed in self.done_seeds(UNLEARNED, child.name)]
+        return found
+
+    def _model_hashes(self) -> dict[tuple[str, str | None], list[ModelKey]]:
+        """The stored models grouped by the (config hash, split hash) their provenance carries."""
+        groups: dict[tuple[str, str | None], list[ModelKey]] = {}
+        for kind, seed, method in self.stored_models():
+            path = self.model_dir(kind, seed, method) / "outputs.npz"
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    meta = json.loads(str(npz["meta"]))
+                key = (str(meta["config_hash"]), meta.get("split_hash"))
+            except Exception:  # noqa: BLE001 - damaged: found and redone by `damaged`
+                continue
+            groups.setdefault(key, []).append((kind, seed, method))
+        return groups
+
+    def _name_models(self, models: list[ModelKey]) -> str:
+        names = [self.describe(*m) for m in models[:4]]
+        return ", ".join(names) + (f" and {len(models) - 4} more" if len(models) > 4 else "")
+
+    def check_identity(self) -> None:
+        """Refuse a store whose experiment.json was edited, or whose models disagree with it.
+
+        Every model's provenance carries the config hash and the split hash it was made under;
+        they must be those of experiment.json, whose own config must still give the hash it was
+        written with. Otherwise models trained under different settings would be mixed silently.
+        """
+        exp = self.read_experiment()
+        cfg = self._stored_config(exp)
+        accepted = cfg.identity_hashes()
+        if exp.get("config_hash") not in accepted:
+            raise StoreError(
+                f"{self.experiment_file} was edited: its config no longer gives the hash it was "
+                f"written with ({exp.get('config_hash')}); restore it, or delete "
+                f"{self.experiment_file} and run `{self.redo_command(REFERENCE)}` with the config "
+                "the models were made with, which rebuilds it after checking their provenance"
+            )
+        foreign = [m for (config_hash, split_hash), models in self._model_hashes().items()
+                   if config_hash not in accepted or split_hash != exp.get("split_hash")
+                   for m in models]
+        if foreign:
+            paths = " ".join(str(self.model_dir(*m)) for m in foreign[:3])
+            raise StoreError(
+                f"store {self.root} mixes models made under other settings than its "
+                f"experiment.json ({exp.get('config_hash')}): {len(foreign)} model(s), "
+                f"{self._name_models(foreign)}; restore the experiment.json they were made with, "
+                f"or remove their folders ({paths}{' ...' if len(foreign) > 3 else ''}) and make "
+                "them again"
+            )
+
+    def _stored_config(self, exp: Mapping[str, Any]) -> Config:
+        try:
+            # Through the current defaults: a key added since the store was made counts as its
+            # default, so older stores stay usable.
+            return from_mapping(exp.get("config", {}))
+        except UnlearnError as exc:
+            raise StoreError(
+                f"store {self.root} was made by another version of unlearn and its config no "
+                f"longer validates ({exc}); use a new --store"
+            ) from None
+
+    def rebuild_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
+                           num_classes: int | None) -> int:
+        """Write a lost experiment.json again, if `cfg` and `split` are what the models were
+        made under (their provenance). Returns how many models vouched for it."""
+        split_hash = hash_split(split)
+        groups = self._model_hashes()
+        accepted = cfg.identity_hashes()
+        foreign = [(h, len(m)) for h, m in groups.items()
+                   if h[0] not in accepted or h[1] != split_hash]
+        if foreign:
+            seen = "; ".join(f"{n} under {h[0]} (split {h[1]})" for h, n in foreign)
+            raise StoreError(
+                f"store {self.root} has lost its experiment.json, and its models were not made "
+                f"under this config ({cfg.identity_hash()}, split {split_hash}): {seen}; pass "
+                "the config they were made with (--config, --set), or use a new --store"
+            )
+        self._write_experiment(cfg, split, split_hash, num_classes)
+        return sum(len(m) for m in groups.values())
 
     def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
                         num_classes: int | None = None) -> None:
@@ -199,6 +304,10 @@ class Store:
             self.check_compatible(cfg, split_hash=split_hash)
             self.repair_split(split)
             return
+        self._write_experiment(cfg, split, split_hash, num_classes)
+
+    def _write_experiment(self, cfg: Config, split: Mapping[str, np.ndarray], split_hash: str,
+                          num_classes: int | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
         self._split = None
@@ -217,15 +326,7 @@ class Store:
     def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
         """Refuse a store made under other data/model/train settings, naming the differences."""
         exp = self.read_experiment()
-        try:
-            # Through the current defaults: a key added since the store was made counts as its
-            # default, so older stores stay usable.
-            stored = from_mapping(exp.get("config", {})).to_dict()
-        except UnlearnError as exc:
-            raise StoreError(
-                f"store {self.root} was made by another version of unlearn and its config no "
-                f"longer validates ({exc}); use a new --store"
-            ) from None
+        stored = self._stored_config(exp).to_dict()
         diffs = diff_sections(identity(stored), identity(cfg.to_dict()))
         if diffs:
             raise StoreError(
@@ -272,6 +373,12 @@ class Store:
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
         self._split = None
         return True
+
+    def _accepted_hashes(self) -> set[str]:
+        """The config hashes a model of this store may carry (read once per Store object)."""
+        if self._hashes is None:
+            self._hashes = self._stored_config(self.read_experiment()).identity_hashes()
+        return self._hashes
 
     def num_classes(self) -> int | None:
         """The class count every model's logits must have; None when the store cannot tell."""
@@ -520,6 +627,9 @@ class Store:
             raise OutputsError(f"{self.describe(kind, seed, method)}: {exc}; "
                                f"`{self.redo_command(kind, method)}` makes it again") from None
         problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+        if problem is None and meta.get("config_hash") not in self._accepted_hashes():
+            problem = (f"it was made under config {meta.get('config_hash')}, the store's is "
+                       f"{self.read_experiment().get('config_hash')}")
         if problem:
             raise OutputsError(
                 f"{self.describe(kind, seed, method)}: {path} does not fit the experiment "

@@ -33,6 +33,8 @@ class TrainRefsResult:
     outcomes: list[JobOutcome]
     # Models that were stored but damaged or incomplete, and were trained again: what was wrong.
     redone: dict[str, str] = dataclasses.field(default_factory=dict)
+    # experiment.json was lost and written again, vouched for by this many models' provenance.
+    rebuilt: int = 0
 
 
 def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
@@ -82,7 +84,11 @@ def run(
         store.check_compatible(cfg)  # fail fast, before touching anything
     split = prepare_split(cfg)
     with store.writing():
+        rebuilt = 0
+        if not store.exists() and store.stored_models():  # experiment.json lost: rebuild it?
+            rebuilt = store.rebuild_experiment(cfg, split, _num_classes(cfg))
         store.init_experiment(cfg, split, num_classes=_num_classes(cfg))
+        store.check_identity()  # no model made under other settings joins this bank
         # A model that looks done but is damaged (model.pt unreadable or missing, outputs that do
         # not fit) is forgotten here and trained again below, so that rerunning this command is
         # the fix for every damaged reference model and for a damaged original.
@@ -113,7 +119,7 @@ def run(
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing,
-                           sorted(done & set(range(num_models))), outcomes, redone)
+                           sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
