@@ -277,3 +277,17 @@ def test_every_identity_key_is_known_to_the_hash():
         fields = {f.name for f in dataclasses.fields(getattr(Config(), section))}
         known = set(FIRST_KEYS[section]) | set(ADDED_LATER.get(section, {}))
         assert fields == known, f"{section}: add {sorted(fields - known)} to ADDED_LATER"
+
+
+# ------------------------------------------------------------------ 6. what is planned
+
+
+def test_train_refs_says_what_it_plans_before_training(tmp_path):
+    code, out = invoke("train-refs", "--num-models", 2, "--store", tmp_path / "s", *sets())
+    assert code == 0, out
+    lines = out.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("training the original"))
+    assert re.fullmatch(r"training the original and 2 reference model\(s\): \d+ job\(s\) on 1 "
+                        r"CPU worker\(s\), \d+ thread\(s\) each \((ensemble|loop) engine\)",
+                        lines[plan]), lines[plan]
+    assert plan < next(i for i, line in enumerate(lines) if line.startswith("store "))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, check_num_models
 from .errors import MethodError, OutputsError, StoreError, UnlearnError
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .methods import check_method_sections, is_plugin, method_params, resolve
@@ -60,11 +60,10 @@ def run(
     on_plan: Callable[[int, int], None] | None = None,
     inline: bool | None = None,
 ) -> ApplyResult:
+    check_num_models(num_models)
     method = resolve(method_spec)
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
     params = method_params(method, cfg)
-    if num_models is not None and num_models < 1:
-        raise UnlearnError(f"--num-models must be at least 1, got {num_models}")
     store = Store(store_root)
     refs = check_ready(store)
     store.check_compatible(cfg)
@@ -100,6 +99,11 @@ def run(
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
+        if on_event is not None and jobs:
+            from .train_refs import describe_launch
+
+            on_event("plan", "", f"running {method_spec} {len(missing)} time(s): "
+                                 f"{describe_launch(jobs, slots)}")
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))

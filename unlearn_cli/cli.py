@@ -148,6 +148,9 @@ class _Bar:
         self.task = self.progress.add_task(self.label, total=to_train)
 
     def event(self, kind: str, job_id: str, value: Any) -> None:
+        if kind == "plan":  # what is about to run, before the first model: models, jobs, slots
+            console.print(value, highlight=False, soft_wrap=True)
+            return
         if self.progress is None:
             return
         if kind == "progress":

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import Config, check_num_models
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
@@ -75,10 +75,7 @@ def run(
     inline: bool | None = None,
 ) -> TrainRefsResult:
     """Train what is missing. on_plan(models_to_train, models_reused) is called before launching."""
-    if num_models < 1:
-        from .errors import UnlearnError
-
-        raise UnlearnError(f"--num-models must be at least 1, got {num_models}")
+    check_num_models(num_models)
     store = Store(store_root)
     if store.exists():
         store.check_compatible(cfg)  # fail fast, before touching anything
@@ -116,10 +113,23 @@ def run(
                             {**base, "kind": REFERENCE, "seeds": chunk}, len(chunk)))
         if on_plan is not None:
             on_plan(count, len(done & set(range(num_models))) + int(not need_original))
+        if on_event is not None and jobs:
+            what = " and ".join(part for part in (
+                "the original" if need_original else "",
+                f"{len(missing)} reference model(s)" if missing else "") if part)
+            on_event("plan", "", f"training {what}: {describe_launch(jobs, slots, engine)}")
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing,
                            sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
+
+
+def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None) -> str:
+    """`5 jobs on 2 CPU workers, 1 thread each (ensemble engine)`: how a run will be spread."""
+    kind = "GPU" if slots[0].gpu >= 0 else "CPU"
+    threads = slots[0].threads
+    return (f"{len(jobs)} job(s) on {len(slots)} {kind} worker(s), {threads} thread(s) each"
+            + (f" ({engine} engine)" if engine else ""))
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
