@@ -291,3 +291,58 @@ def test_train_refs_says_what_it_plans_before_training(tmp_path):
                         r"CPU worker\(s\), \d+ thread\(s\) each \((ensemble|loop) engine\)",
                         lines[plan]), lines[plan]
     assert plan < next(i for i, line in enumerate(lines) if line.startswith("store "))
+
+
+# ------------------------------------------------------------------ 7. plugins that exit
+
+EXITING_PLUGINS = {
+    "exit-at-import": ("import sys\nsys.exit(5)\n\ndef m(model, data, params, *, device, seed):\n"
+                       "    return model\n",
+                       "importing {file} called sys.exit(5)"),
+    "exit-in-method": ("import sys\n\ndef m(model, data, params, *, device, seed):\n"
+                       "    sys.exit(5)\n",
+                       "method '{spec}' called sys.exit(5) (a method must return the model or "
+                       "raise) at seed 1000000"),
+    "interrupt-in-method": ("def m(model, data, params, *, device, seed):\n"
+                            "    raise KeyboardInterrupt\n",
+                            "method '{spec}' raised KeyboardInterrupt itself (no Ctrl-C was "
+                            "pressed) at seed 1000000"),
+    "interrupt-at-import": ("raise KeyboardInterrupt\n", "importing {file} raised "
+                            "KeyboardInterrupt itself"),
+}
+
+
+@pytest.mark.parametrize("name, workers", [(name, 1) for name in EXITING_PLUGINS] + [
+    # In worker processes SIGINT is ignored: a KeyboardInterrupt there is the method's own.
+    # (Imports happen in the parent first, before any worker starts.)
+    pytest.param(name, 2, marks=pytest.mark.slow) for name in EXITING_PLUGINS if "method" in name
+])
+def test_plugins_that_exit_are_one_line_with_method_and_seed(store_copy, tmp_path, name,
+                                                             workers):
+    source, expected = EXITING_PLUGINS[name]
+    plugin = tmp_path / f"{name.replace('-', '_')}.py"
+    plugin.write_text(source)
+    spec = f"{plugin}:m"
+    before = tree_digest(store_copy / "reference")
+    result = runner.invoke(app, ["apply", "--method", spec, "--num-models", 2, "--workers",
+                                 workers, "--store", str(store_copy)])
+    assert result.exit_code == 1, result.output
+    line = " ".join(error_line(result.output).split())
+    assert expected.format(spec=spec, file=plugin) in line, line
+    assert "Traceback" not in result.output
+    assert Store(store_copy).done_seeds(UNLEARNED, spec) == []
+    assert tree_digest(store_copy / "reference") == before
+
+
+def test_user_text_is_not_read_as_markup_or_emoji(store_copy, tmp_path):
+    code, out = invoke("train-refs", "--store", tmp_path / "s", "--set", "name=a:m:b/c")
+    assert code == 1 and "got 'a:m:b/c'" in error_line(out), out
+    code, out = invoke("train-refs", "--store", tmp_path / "s", "--set", "train.lr=x[/bold]")
+    assert code == 1 and "got 'x[/bold]'" in error_line(out), out
+    plugin = tmp_path / "keep.py"
+    plugin.write_text("def m(model, data, params, *, device, seed):\n    return model\n")
+    spec = f"{plugin}:m"
+    code, out = invoke("apply", "--method", spec, "--num-models", 3, "--store", store_copy)
+    assert code == 0 and f"of {spec} done" in " ".join(out.split()), out
+    code, out = invoke("score", "--method", spec, "--store", store_copy, "--bootstrap", 0)
+    assert code == 0 and f"{spec}:" in out and "\u24c2" not in out, out  # no Ⓜ emoji

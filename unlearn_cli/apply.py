@@ -14,7 +14,14 @@ from typing import Any
 from .config import Config, check_num_models
 from .errors import MethodError, OutputsError, StoreError, UnlearnError
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
-from .methods import check_method_sections, is_plugin, method_params, resolve
+from .methods import (
+    Interrupts,
+    check_method_sections,
+    is_plugin,
+    method_params,
+    resolve,
+    user_code_error,
+)
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
 UNLEARN_SEED_BASE = 1_000_000
@@ -127,12 +134,18 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
     model.load_state_dict(original["state_dict"])
     model.to(ctx.device).eval()
     torch.manual_seed(seed)
+    interrupts = Interrupts()
     try:
-        with Stopwatch(ctx.device) as watch:
+        with interrupts, Stopwatch(ctx.device) as watch:
             result = method.fn(model, data, params, device=ctx.device, seed=seed)
     except UnlearnError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - the method's code: sys.exit, its own ^C
+        what = user_code_error(exc, interrupts)
+        if what is not None:
+            raise MethodError(f"method {spec!r} {what} at seed {seed}") from None
+        if not isinstance(exc, Exception):
+            raise  # a real Ctrl-C: stop the run, keep what is stored
         raise MethodError(
             f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
         ) from exc

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,8 +36,10 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: a plugin spec such as `file.py:m` next to a colon would become a :m: emoji. User
+# text printed inside markup goes through `escape` (a path with [brackets] is not a style).
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 # ---------------------------------------------------------------- shared options
 ConfigOpt = Annotated[
@@ -79,14 +82,16 @@ def _boundary(fn):
         except UnlearnError as exc:
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # a path the user gave: a folder, no permission, a full disk
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
             where = f": {exc.filename}" if exc.filename else ""
-            err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}{where}; check "
-                              "the path and its permissions", highlight=False, soft_wrap=True)
+            text = escape(f"{exc.strerror or exc}{where}")
+            err_console.print(f"[bold red]error:[/bold red] {text}; check the path and its "
+                              "permissions", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted: finished models are stored; rerun the same "
@@ -121,8 +126,8 @@ def _resolve(config: Path | None, overrides: list[str] | None, store: Path | Non
 def _print_redone(redone: dict[str, str]) -> None:
     """Name the damaged models a command found and made again (they were not reused)."""
     for who, problem in redone.items():
-        console.print(f"[yellow]{who} was damaged ({problem}): made again[/yellow]",
-                      highlight=False)
+        console.print(f"[yellow]{escape(who)} was damaged ({escape(problem)}): made "
+                      "again[/yellow]", highlight=False)
 
 
 class _Bar:
@@ -145,11 +150,11 @@ class _Bar:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.label, total=to_train)
+        self.task = self.progress.add_task(escape(self.label), total=to_train)
 
     def event(self, kind: str, job_id: str, value: Any) -> None:
         if kind == "plan":  # what is about to run, before the first model: models, jobs, slots
-            console.print(value, highlight=False, soft_wrap=True)
+            console.print(escape(value), highlight=False, soft_wrap=True)
             return
         if self.progress is None:
             return
@@ -157,7 +162,8 @@ class _Bar:
             self.progress.advance(self.task, value)
         elif kind == "finished" and not value.ok:
             self.failed += 1
-            self.progress.console.print(f"[red]job {job_id} failed:[/red] {value.error}")
+            self.progress.console.print(f"[red]job {escape(job_id)} failed:[/red] "
+                                        f"{escape(value.error)}", highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -201,7 +207,7 @@ def train_refs_cmd(
         console.print(f"experiment.json was missing: rebuilt from this config, which the "
                       f"provenance of all {result.rebuilt} stored model(s) matches")
     console.print(
-        f"store {result.store}: {len(result.trained)} reference model(s) trained, "
+        f"store {escape(str(result.store))}: {len(result.trained)} reference model(s) trained, "
         f"{len(result.reused)} reused" + (", original trained" if result.trained_original else "")
     )
 
@@ -250,8 +256,8 @@ def apply_cmd(
     finally:
         bar.close()
     _print_redone(result.redone)
-    console.print(f"store {result.store}: {len(result.trained)} run(s) of {result.method} done, "
-                  f"{len(result.reused)} reused")
+    console.print(f"store {escape(str(result.store))}: {len(result.trained)} run(s) of "
+                  f"{escape(result.method)} done, {len(result.reused)} reused")
 
 
 @app.command(
@@ -286,7 +292,7 @@ def score_cmd(
     print_reports(reports, console)
     if out is not None:
         write_reports(reports, out)
-        console.print(f"report written to {out}")
+        console.print(f"report written to {escape(str(out))}")
 
 
 @app.command("methods")

@@ -90,6 +90,55 @@ REGISTRY: dict[str, Method] = {
 }
 
 
+class Interrupts:
+    """Tells a real Ctrl-C from a KeyboardInterrupt that user code raised itself.
+
+    Used around a plugin's import and each method call: `interrupted` is True only if SIGINT
+    arrived meanwhile. In a worker process SIGINT is ignored, so any KeyboardInterrupt there is
+    the code's own; it is then a failure of that method and seed, not a stop of the whole run.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):
+            return self  # SIGINT cannot arrive: nothing to tell apart
+
+        def note(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+
+        self._previous = previous
+        signal.signal(signal.SIGINT, note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def user_code_error(exc: BaseException, interrupts: Interrupts) -> str | None:
+    """One line for a SystemExit or a KeyboardInterrupt raised by user code; None when the
+    exception must go on (a real Ctrl-C, or anything else)."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) (a method must return the model or raise)"
+    if isinstance(exc, KeyboardInterrupt) and not interrupts.interrupted:
+        return "raised KeyboardInterrupt itself (no Ctrl-C was pressed)"
+    return None
+
+
 def is_plugin(spec: str) -> bool:
     return ":" in spec
 
@@ -111,13 +160,21 @@ def resolve(spec: str) -> Method:
     if where.endswith(".py") or "/" in where or "\\" in where:
         module = _load_file(where, spec)
     else:
+        interrupts = Interrupts()
         try:
-            module = importlib.import_module(where)
+            with interrupts:
+                module = importlib.import_module(where)
         except ImportError as exc:
             raise MethodError(
                 f"plugin {spec!r}: cannot import module {where!r} ({exc}); check the name and "
                 "that it is importable (installed, or its folder on PYTHONPATH)"
             ) from None
+        except BaseException as exc:  # noqa: BLE001 - the user's module, any error
+            what = user_code_error(exc, interrupts)
+            if what is None and not isinstance(exc, Exception):
+                raise
+            raise MethodError(f"plugin {spec!r}: importing {where} "
+                              f"{what or f'failed: {type(exc).__name__}: {exc}'}") from None
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -139,11 +196,16 @@ def _load_file(path_text: str, spec: str) -> Any:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
+    interrupts = Interrupts()
     try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's file, any error
-        raise MethodError(f"plugin {spec!r}: importing {path_text} failed: "
-                          f"{type(exc).__name__}: {exc}") from None
+        with interrupts:
+            module_spec.loader.exec_module(module)
+    except BaseException as exc:  # noqa: BLE001 - the user's file, any error
+        what = user_code_error(exc, interrupts)
+        if what is None and not isinstance(exc, Exception):
+            raise  # a real Ctrl-C
+        raise MethodError(f"plugin {spec!r}: importing {path_text} "
+                          f"{what or f'failed: {type(exc).__name__}: {exc}'}") from None
     sys.modules[name] = module
     return module
 
