@@ -346,3 +346,67 @@ def test_user_text_is_not_read_as_markup_or_emoji(store_copy, tmp_path):
     assert code == 0 and f"of {spec} done" in " ".join(out.split()), out
     code, out = invoke("score", "--method", spec, "--store", store_copy, "--bootstrap", 0)
     assert code == 0 and f"{spec}:" in out and "\u24c2" not in out, out  # no Ⓜ emoji
+
+
+# ------------------------------------------------------------------ 8. answers without torch
+
+# Each line: the arguments of one `unlearn` call that must answer (help, a listing, or one error
+# line) without importing torch; {store} is a trained store. Timed as whole processes by
+# benchmarks/bench_cli.py (the same list); here only what they import is checked.
+QUICK = [
+    "--help", "methods", "apply --help", "train-refs --help", "score --help",
+    "train-refs --num-models 0 --store {tmp}/a",
+    "train-refs --num-models 99999999999 --store {tmp}/a",
+    "train-refs --device cuda: --store {tmp}/a",
+    "train-refs --set train.epoch=3 --store {tmp}/a",
+    "train-refs --set train.lr=[1 --store {tmp}/a",
+    "apply --method none --num-models 0 --store {store}",
+    "apply --method forgetful --store {store}",
+    "apply --method none --store {tmp}/nowhere",
+    "apply --method finetune --store {store} --set train.epochs=5",
+    "score --metric nope --store {store}",
+    "score --bootstrap 1 --store {store}",
+    "score --store {tmp}/nowhere",
+]
+
+QUICK_SCRIPT = """
+import json
+import sys
+from typer.testing import CliRunner
+from unlearn_cli.cli import app
+
+runner, codes = CliRunner(), []
+for line in sys.argv[1:]:
+    result = runner.invoke(app, line.split())
+    codes.append(result.exit_code)
+heavy = sorted(m for m in ("torch", "sklearn", "scipy") if m in sys.modules)
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_help_listing_and_argument_errors_never_import_torch(trained_store, tmp_path):
+    import subprocess
+    import sys
+
+    lines = [q.format(store=trained_store, tmp=tmp_path) for q in QUICK]
+    proc = subprocess.run([sys.executable, "-c", QUICK_SCRIPT, *lines], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["codes"] == [0] * 5 + [1] * (len(QUICK) - 5), seen
+    assert seen["heavy"] == [], f"imported {seen['heavy']} to answer: {lines}"
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_registry_lists_methods_without_importing_them():
+    import subprocess
+    import sys
+
+    script = ("import sys; from unlearn_cli.methods import REGISTRY; "
+              "names = [m.name + m.summary for m in REGISTRY.values()]; "
+              "print(len(names), 'torch' in sys.modules); "
+              "REGISTRY['finetune'].params(); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == [str(len(__import__("unlearn_cli.methods").methods.REGISTRY)),
+                                   "False", "True"], proc.stdout + proc.stderr

@@ -67,14 +67,16 @@ def run(
     on_plan: Callable[[int, int], None] | None = None,
     inline: bool | None = None,
 ) -> ApplyResult:
+    # Cheap checks first: a wrong argument or store is answered before torch is imported (the
+    # built-in methods' parameters and the original checkpoint need it).
     check_num_models(num_models)
     method = resolve(method_spec)
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
-    params = method_params(method, cfg)
     store = Store(store_root)
     refs = check_ready(store)
     store.check_compatible(cfg)
     store.check_identity()
+    params = method_params(method, cfg)
     store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
@@ -210,11 +212,11 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
 
     method = resolve(method_spec)
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
-    params = method_params(method, cfg)
     store = Store(store_root)
     check_ready(store)
     store.check_compatible(cfg)
     store.check_identity()
+    params = method_params(method, cfg)
     original = store.load_model(ORIGINAL)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]

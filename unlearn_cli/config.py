@@ -277,6 +277,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          t.precision)
     need(t.compile in ("none", "default", "reduce-overhead", "max-autotune"), "train.compile",
          "none, default, reduce-overhead or max-autotune", t.compile)
+    device = launch.device.strip().lower()
+    need(device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and all(
+        p.strip().isdigit() for p in device[5:].split(","))), "launch.device",
+        "auto, cpu, cuda or a GPU list such as cuda:0,1", launch.device)
     need(launch.workers >= 0, "launch.workers", "an integer >= 0 (0 = automatic)", launch.workers)
     need(launch.workers_per_gpu >= 1, "launch.workers_per_gpu", "an integer >= 1",
          launch.workers_per_gpu)
