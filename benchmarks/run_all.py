@@ -27,6 +27,7 @@ SCRIPTS = [
     "bench_attacks.py",
     "bench_demo.py",
     "bench_methods.py",
+    "bench_cli.py",
 ]
 
 

@@ -212,7 +212,8 @@ def test_odd_config_files(tmp_path, text, expected):
 def test_launch_flags_are_named_as_command_line_options(tmp_path):
     result, out = invoke("train-refs", "--store", tmp_path / "s", "--device", "cuda:")
     assert result.exit_code == 1
-    assert "--device 'cuda:' is not understood" in error_line(out)
+    line = error_line(out)  # checked with the config, before anything is loaded
+    assert "with the command-line options" in line and "launch.device: expected auto, cpu" in line
     result, out = invoke("train-refs", "--store", tmp_path / "s", "--workers", -1)
     line = error_line(out)
     assert "with the command-line options" in line and "launch.workers" in line
@@ -234,3 +235,40 @@ def test_a_plugin_section_does_not_block_builtin_methods(store_copy):
     result, out = invoke("apply", "--method", "none", "--store", store_copy,
                          "--set", "method.finetun.lr=0.1")
     assert result.exit_code == 1 and "did you mean method.finetune?" in error_line(out)
+
+
+# Issue 9, items 6-8: runaway and silent inputs, each one line and nothing written.
+@pytest.mark.parametrize("args, expected", [
+    (["train-refs", "--num-models", 99999999999], "more than 10,000 models per bank"),
+    (["apply", "--method", "none", "--num-models", 10001], "more than 10,000 models per bank"),
+    (["apply", "--method", "none", "--num-models", 0], "--num-models must be at least 1"),
+    (["train-refs", "--set", "model.hidden=128"],
+     "model.hidden: expected a list of integers, got 128 (write [128] for one)"),
+    (["train-refs", "--set", "train.lr=[1, 2"], "the value '[1, 2' is not valid YAML"),
+    (["train-refs", "--set", "model.widths=7"], "model.widths: expected a list of integers"),
+], ids=["train-refs-huge", "apply-huge", "apply-zero", "hidden-number", "bad-set-yaml",
+        "widths-number"])
+def test_runaway_and_silent_inputs(tmp_path, args, expected):
+    result, out = invoke(*args, "--store", tmp_path / "s")
+    assert result.exit_code == 1
+    assert expected in error_line(out)
+    assert len(out.strip().splitlines()) == 1, out  # one line, not a YAML parser's drawing
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    result, out = invoke("train-refs", "--config", path, "--store", tmp_path / "s")
+    assert result.exit_code == 1
+    assert f"config file {path} is empty" in error_line(out)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_broken_config_file_is_one_line_with_its_position(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: [3\n")
+    result, out = invoke("train-refs", "--config", path, "--store", tmp_path / "s")
+    assert result.exit_code == 1 and len(out.strip().splitlines()) == 1, out
+    assert "is not valid YAML at line 3, column 1" in error_line(out)

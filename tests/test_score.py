@@ -8,7 +8,7 @@ import pytest
 
 from unlearn_cli import score
 from unlearn_cli.config import load_config
-from unlearn_cli.store import REFERENCE, UNLEARNED, Store
+from unlearn_cli.store import REFERENCE, UNLEARNED, Store, hash_split
 
 N = 4  # models per bank; H has ceil(ln(N - 1)) / 0.5 = 4 buckets: 1, 1/2, 1/4, 1/8
 
@@ -28,7 +28,10 @@ def hand_store(tmp_path):
         "forget_labels": np.array([3, 7]), "test_labels": np.array([1, 2]),
         "retain_labels": np.array([0, 0]),
     }
-    s.init_experiment(load_config(None), split)
+    cfg = load_config(None)
+    s.init_experiment(cfg, split)
+    # The provenance every stored model carries: the store checks it when reading.
+    meta = {"config_hash": cfg.identity_hash(), "split_hash": hash_split(split)}
     s.save_method("finetune", {"name": "finetune", "spec": "finetune", "params": {}})
     for i in range(N):
         # Forget example 0: every model of both banks gives the same output -> both banks are
@@ -44,11 +47,11 @@ def hand_store(tmp_path):
         s.save_outputs(REFERENCE, i, {
             "forget_logits": ref_forget, "test_logits": ref_test,
             "retain_loss": np.zeros(2, np.float32), "retain_correct": np.array([True, False]),
-        }, {"wall_seconds": 4.0, "timing": "sequential"})
+        }, {**meta, "wall_seconds": 4.0, "timing": "sequential"})
         s.save_outputs(UNLEARNED, 1_000_000 + i, {
             "forget_logits": unl_forget, "test_logits": unl_test,
             "retain_loss": np.zeros(2, np.float32), "retain_correct": np.array([True, True]),
-        }, {"wall_seconds": 1.0, "timing": "sequential"}, method="finetune")
+        }, {**meta, "wall_seconds": 1.0, "timing": "sequential"}, method="finetune")
     return s.root
 
 

@@ -14,6 +14,13 @@ def _split():
             "retain": np.arange(2, 10)}
 
 
+def _outputs(classes=10):
+    """Outputs that fit _split(): 2 forget, 4 test, 8 retain examples."""
+    return {"forget_logits": np.ones((2, classes), np.float32),
+            "test_logits": np.zeros((4, classes), np.float32),
+            "retain_loss": np.zeros(8, np.float32), "retain_correct": np.ones(8, bool)}
+
+
 def test_round_trip(tmp_path):
     import torch
 
@@ -23,9 +30,9 @@ def test_round_trip(tmp_path):
     assert s.exists()
     np.testing.assert_array_equal(s.load_split()["forget"], [0, 1])
     state = {"w": torch.arange(6.0).view(2, 3)}
-    meta = {"seed": 3, "wall_seconds": 0.5}
+    meta = {"seed": 3, "wall_seconds": 0.5, "config_hash": cfg.identity_hash()}
     s.save_model(REFERENCE, 3, state, meta, model_spec={"arch": "mlp"})
-    arrays = {"forget_logits": np.ones((2, 10), np.float32), "retain_correct": np.array([True])}
+    arrays = _outputs()
     s.save_outputs(REFERENCE, 3, arrays, meta)
     assert s.done_seeds(REFERENCE) == [3]
     loaded = s.load_model(REFERENCE, 3)
@@ -129,7 +136,8 @@ def test_method_record_refuses_other_params_once_a_run_is_stored(tmp_path):
     s.save_method("finetune", record(9))
     s.save_method("finetune", record(5))  # no run stored yet: the record is replaced
     assert s.method_record("finetune")["params"] == {"epochs": 5}
-    s.save_outputs(UNLEARNED, 1_000_000, {"x": np.zeros(1)}, {}, method="finetune")
+    s.init_experiment(load_config(None), _split())
+    s.save_outputs(UNLEARNED, 1_000_000, _outputs(), {}, method="finetune")
     s.save_method("finetune", record(5))
     with pytest.raises(StoreError, match="epochs: 5 -> 2"):
         s.save_method("finetune", record(2))

@@ -11,10 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import MethodError, StoreError, UnlearnError
+from .config import Config, check_num_models
+from .errors import MethodError, OutputsError, StoreError, UnlearnError
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
-from .methods import check_method_sections, is_plugin, method_params, resolve
+from .methods import (
+    Interrupts,
+    check_method_sections,
+    is_plugin,
+    method_params,
+    resolve,
+    user_code_error,
+)
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
 UNLEARN_SEED_BASE = 1_000_000
@@ -28,6 +35,8 @@ class ApplyResult:
     trained: list[int]
     reused: list[int]
     outcomes: list[JobOutcome]
+    # Runs that were stored but damaged or incomplete, and were made again: what was wrong.
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def unlearn_seed(run_index: int) -> int:
@@ -58,14 +67,16 @@ def run(
     on_plan: Callable[[int, int], None] | None = None,
     inline: bool | None = None,
 ) -> ApplyResult:
+    # Cheap checks first: a wrong argument or store is answered before torch is imported (the
+    # built-in methods' parameters and the original checkpoint need it).
+    check_num_models(num_models)
     method = resolve(method_spec)
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
-    params = method_params(method, cfg)
-    if num_models is not None and num_models < 1:
-        raise UnlearnError(f"--num-models must be at least 1, got {num_models}")
     store = Store(store_root)
     refs = check_ready(store)
     store.check_compatible(cfg)
+    store.check_identity()
+    params = method_params(method, cfg)
     store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
@@ -76,6 +87,11 @@ def run(
     }
     with store.writing():
         store.save_method(method_spec, record)
+        redone = {}
+        for seed, problem in store.damaged(UNLEARNED, [unlearn_seed(i) for i in range(n)],
+                                           method_spec).items():
+            store.discard(UNLEARNED, seed, method_spec)
+            redone[store.describe(UNLEARNED, seed, method_spec)] = problem
         done = set(store.done_seeds(UNLEARNED, method_spec))
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
@@ -92,10 +108,15 @@ def run(
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
+        if on_event is not None and jobs:
+            from .train_refs import describe_launch
+
+            on_event("plan", "", f"running {method_spec} {len(missing)} time(s): "
+                                 f"{describe_launch(jobs, slots)}")
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
-    return ApplyResult(store.root, method_spec, missing, reused, outcomes)
+    return ApplyResult(store.root, method_spec, missing, reused, outcomes, redone)
 
 
 # ------------------------------------------------------------------ worker side
@@ -115,12 +136,18 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
     model.load_state_dict(original["state_dict"])
     model.to(ctx.device).eval()
     torch.manual_seed(seed)
+    interrupts = Interrupts()
     try:
-        with Stopwatch(ctx.device) as watch:
+        with interrupts, Stopwatch(ctx.device) as watch:
             result = method.fn(model, data, params, device=ctx.device, seed=seed)
     except UnlearnError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - the method's code: sys.exit, its own ^C
+        what = user_code_error(exc, interrupts)
+        if what is not None:
+            raise MethodError(f"method {spec!r} {what} at seed {seed}") from None
+        if not isinstance(exc, Exception):
+            raise  # a real Ctrl-C: stop the run, keep what is stored
         raise MethodError(
             f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -164,7 +191,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
             save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
-        except MethodError as exc:
+        except (MethodError, OutputsError) as exc:  # OutputsError: e.g. 20 logits for 10 classes
             failures.append(str(exc))
             continue
         progress(1)
@@ -185,10 +212,11 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
 
     method = resolve(method_spec)
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
-    params = method_params(method, cfg)
     store = Store(store_root)
     check_ready(store)
     store.check_compatible(cfg)
+    store.check_identity()
+    params = method_params(method, cfg)
     original = store.load_model(ORIGINAL)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]

@@ -11,20 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from .errors import UnlearnError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="unlearn",
@@ -32,11 +26,42 @@ app = typer.Typer(
     "times, and score it per forget example as the NeurIPS 2023 Machine Unlearning Challenge did.",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    # Plain help, formatted by click: rich's help formatter costs a third of a second of imports
+    # and shows flags as `--dry-run <bool>`.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+# Heavy modules (rich, numpy, torch) are imported where they are needed, never at start-up:
+# `unlearn --help`, `unlearn methods` and every argument error answer without them.
+
+
+@functools.cache
+def _console() -> Console:
+    """The terminal console for tables and progress, made on first use. emoji=False: a plugin
+    spec such as `file.py:m` next to a colon would become a :m: emoji. User text printed inside
+    markup goes through `escape` (a path with [brackets] is not a style)."""
+    from rich.console import Console
+
+    return Console(emoji=False)
+
+
+def escape(text: str) -> str:
+    """Text to show literally inside rich markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _say(text: str) -> None:
+    """One plain line on stdout (no markup, no highlighting)."""
+    _console().print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _error(text: str) -> None:
+    """The one red `error:` line on stderr (click's styling: no markup to escape)."""
+    typer.secho("error:", fg="red", bold=True, err=True, nl=False)
+    typer.echo(f" {text}", err=True)
 
 # ---------------------------------------------------------------- shared options
 ConfigOpt = Annotated[
@@ -79,18 +104,17 @@ def _boundary(fn):
         except UnlearnError as exc:
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            _error(str(exc))
             raise typer.Exit(1) from None
         except OSError as exc:  # a path the user gave: a folder, no permission, a full disk
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
             where = f": {exc.filename}" if exc.filename else ""
-            err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}{where}; check "
-                              "the path and its permissions", highlight=False, soft_wrap=True)
+            _error(f"{exc.strerror or exc}{where}; check the path and its permissions")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted: finished models are stored; rerun the same "
-                              "command to resume[/yellow]")
+            typer.secho("interrupted: finished models are stored; rerun the same command to "
+                        "resume", fg="yellow", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -118,36 +142,56 @@ def _resolve(config: Path | None, overrides: list[str] | None, store: Path | Non
     return cfg, store if store is not None else default_store(cfg)
 
 
+def _print_redone(redone: dict[str, str]) -> None:
+    """Name the damaged models a command found and made again (they were not reused)."""
+    for who, problem in redone.items():
+        _console().print(f"[yellow]{escape(who)} was damaged ({escape(problem)}): made "
+                         "again[/yellow]", highlight=False)
+
+
 class _Bar:
     """A rich progress bar fed by the launcher's events (models done, ETA)."""
 
     def __init__(self, label: str):
         self.label = label
-        self.progress: Progress | None = None
+        self.progress: Any = None  # a rich Progress while models are being made
         self.task = None
         self.failed = 0
 
     def plan(self, to_train: int, reused: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         if reused:
-            console.print(f"{reused} model(s) already stored: reused")
+            _say(f"{reused} model(s) already stored: reused")
         if to_train == 0:
-            console.print("nothing to do: every model is stored")
+            _say("nothing to do: every model is stored")
             return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=_console(),
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.label, total=to_train)
+        self.task = self.progress.add_task(escape(self.label), total=to_train)
 
     def event(self, kind: str, job_id: str, value: Any) -> None:
+        if kind == "plan":  # what is about to run, before the first model: models, jobs, slots
+            _say(value)
+            return
         if self.progress is None:
             return
         if kind == "progress":
             self.progress.advance(self.task, value)
         elif kind == "finished" and not value.ok:
             self.failed += 1
-            self.progress.console.print(f"[red]job {job_id} failed:[/red] {value.error}")
+            self.progress.console.print(f"[red]job {escape(job_id)} failed:[/red] "
+                                        f"{escape(value.error)}", highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -186,7 +230,11 @@ def train_refs_cmd(
                                 on_plan=bar.plan)
     finally:
         bar.close()
-    console.print(
+    _print_redone(result.redone)
+    if result.rebuilt:
+        _say(f"experiment.json was missing: rebuilt from this config, which the provenance of "
+             f"all {result.rebuilt} stored model(s) matches")
+    _say(
         f"store {result.store}: {len(result.trained)} reference model(s) trained, "
         f"{len(result.reused)} reused" + (", original trained" if result.trained_original else "")
     )
@@ -226,8 +274,8 @@ def apply_cmd(
     if dry_run:
         from .report import dry_run_table
 
-        console.print(dry_run_table(apply.dry_run(cfg, store_path, method_spec=method)))
-        console.print("dry run: nothing was stored")
+        _console().print(dry_run_table(apply.dry_run(cfg, store_path, method_spec=method)))
+        _say("dry run: nothing was stored")
         return
     bar = _Bar(f"unlearning ({method})")
     try:
@@ -235,8 +283,9 @@ def apply_cmd(
                            on_event=bar.event, on_plan=bar.plan)
     finally:
         bar.close()
-    console.print(f"store {result.store}: {len(result.trained)} run(s) of {result.method} done, "
-                  f"{len(result.reused)} reused")
+    _print_redone(result.redone)
+    _say(f"store {result.store}: {len(result.trained)} run(s) of {result.method} done, "
+         f"{len(result.reused)} reused")
 
 
 @app.command(
@@ -262,25 +311,26 @@ def score_cmd(
 ) -> None:
     """Score stored unlearning runs against the reference models. Reads stored outputs only."""
     from . import score
-    from .report import print_reports, write_reports
 
     _, store_path = _resolve(config, set_, store, {})
     if out is not None and out.is_dir():
         raise UnlearnError(f"--out {out} is a folder; give a file path such as {out}/report.json")
     reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap)
-    print_reports(reports, console)
+    from .report import print_reports, write_reports  # rich tables: only once there is a report
+
+    print_reports(reports, _console())
     if out is not None:
         write_reports(reports, out)
-        console.print(f"report written to {out}")
+        _say(f"report written to {out}")
 
 
 @app.command("methods")
 def methods_cmd() -> None:
     """List the built-in unlearning methods."""
-    from .methods import REGISTRY
+    from .methods import REGISTRY  # names and summaries only: no method module is imported
 
     for name, m in REGISTRY.items():
-        console.print(f"[bold]{name:<12}[/bold] {m.summary}")
+        typer.echo(f"{typer.style(f'{name:<12}', bold=True)} {m.summary}")
 
 
 def main() -> None:

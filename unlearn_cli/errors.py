@@ -28,3 +28,7 @@ class MethodError(UnlearnError):
 
 class JobsFailed(UnlearnError):
     """Some launched jobs failed; the others finished and were stored."""
+
+
+class OutputsError(StoreError):
+    """A model's per-sample outputs do not fit the experiment (shape, class count, NaN)."""

@@ -32,20 +32,31 @@ import platform
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import Config, diff_sections, from_mapping, identity
-from .errors import StoreError, UnlearnError
+from .errors import OutputsError, StoreError, UnlearnError
 
 SCHEMA = "unlearn.store/1"
 TMP_MARK = ".tmp-"
 ORIGINAL = "original"
 REFERENCE = "reference"
 UNLEARNED = "unlearned"
+ModelKey = tuple[str, int | None, str | None]  # (kind, seed, method) of one stored model
+
+# What every model's outputs.npz must hold: name -> (the split part that sizes its first axis,
+# whether it has a class axis, the numpy dtype kinds allowed). `training.per_sample_outputs` makes
+# them; `score` reads them. Checked when written and when read (`check_outputs`).
+OUTPUTS = {
+    "forget_logits": ("forget", True, "f"),  # float [F, C]
+    "test_logits": ("test", True, "f"),  # float [T, C]
+    "retain_loss": ("retain", False, "f"),  # float [R], cross-entropy
+    "retain_correct": ("retain", False, "b"),  # bool [R]
+}
 
 
 def default_store(cfg: Config) -> Path:
@@ -136,6 +147,8 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
+        self._hashes: set[str] | None = None
 
     # layout -----------------------------------------------------------------
     @property
@@ -164,50 +177,156 @@ class Store:
 
     def read_experiment(self) -> dict[str, Any]:
         if not self.exists():
+            stored = self.stored_models()
+            if stored:
+                raise StoreError(
+                    f"store {self.root} has lost its experiment.json but holds {len(stored)} "
+                    f"model(s); `{self.redo_command(REFERENCE)}` rebuilds it when given the "
+                    "config they were made with (--config, --set), checked against their provenance"
+                )
             raise StoreError(
                 f"no experiment in store {self.root} (experiment.json is missing); "
                 f"run `unlearn train-refs --store {self.root}` first"
             )
         try:
-            return json.loads(self.experiment_file.read_text())
+            exp = json.loads(self.experiment_file.read_text())
+            if not isinstance(exp, dict):
+                raise ValueError("not a JSON object")
+            return exp
         except (OSError, ValueError) as exc:
             raise StoreError(
-                f"{self.experiment_file} is unreadable ({exc}); it was not written by this tool "
-                "or was damaged: use a new --store"
+                f"{self.experiment_file} is unreadable ({exc}); delete {self.experiment_file} "
+                f"and run `{self.redo_command(REFERENCE)}` with the config its models were made "
+                "with: it rebuilds experiment.json after checking that config against their "
+                "provenance"
             ) from None
 
-    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray]) -> None:
-        """Create the experiment, or check that an existing one matches `cfg` and `split`."""
-        split_hash = hash_split(split)
-        if self.exists():
-            self.check_compatible(cfg, split_hash=split_hash)
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
-        atomic_write_json(
-            self.experiment_file,
-            {
-                "schema": SCHEMA,
-                "config": cfg.to_dict(),
-                "config_hash": cfg.identity_hash(),
-                "split_hash": split_hash,
-                "versions": versions(),
-                "created": now(),
-            },
-        )
+    def stored_models(self) -> list[ModelKey]:
+        """(kind, seed, method folder) of every model whose outputs.npz exists."""
+        found: list[ModelKey] = []
+        if (self.model_dir(ORIGINAL) / "outputs.npz").is_file():
+            found.append((ORIGINAL, None, None))
+        found += [(REFERENCE, seed, None) for seed in self.done_seeds(REFERENCE)]
+        base = self.root / UNLEARNED
+        if base.is_dir():
+            for child in sorted(base.iterdir()):
+                found += [(UNLEARNED, seed, child.name)
+                          for seed in self.done_seeds(UNLEARNED, child.name)]
+        return found
 
-    def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
-        """Refuse a store made under other data/model/train settings, naming the differences."""
+    def _model_hashes(self) -> dict[tuple[str, str | None], list[ModelKey]]:
+        """The stored models grouped by the (config hash, split hash) their provenance carries."""
+        groups: dict[tuple[str, str | None], list[ModelKey]] = {}
+        for kind, seed, method in self.stored_models():
+            path = self.model_dir(kind, seed, method) / "outputs.npz"
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    meta = json.loads(str(npz["meta"]))
+                key = (str(meta["config_hash"]), meta.get("split_hash"))
+            except Exception:  # noqa: BLE001 - damaged: found and redone by `damaged`
+                continue
+            groups.setdefault(key, []).append((kind, seed, method))
+        return groups
+
+    def _name_models(self, models: list[ModelKey]) -> str:
+        names = [self.describe(*m) for m in models[:4]]
+        return ", ".join(names) + (f" and {len(models) - 4} more" if len(models) > 4 else "")
+
+    def check_identity(self) -> None:
+        """Refuse a store whose experiment.json was edited, or whose models disagree with it.
+
+        Every model's provenance carries the config hash and the split hash it was made under;
+        they must be those of experiment.json, whose own config must still give the hash it was
+        written with. Otherwise models trained under different settings would be mixed silently.
+        """
         exp = self.read_experiment()
+        cfg = self._stored_config(exp)
+        accepted = cfg.identity_hashes()
+        if exp.get("config_hash") not in accepted:
+            raise StoreError(
+                f"{self.experiment_file} was edited: its config no longer gives the hash it was "
+                f"written with ({exp.get('config_hash')}); restore it, or delete "
+                f"{self.experiment_file} and run `{self.redo_command(REFERENCE)}` with the config "
+                "the models were made with, which rebuilds it after checking their provenance"
+            )
+        foreign = [m for (config_hash, split_hash), models in self._model_hashes().items()
+                   if config_hash not in accepted or split_hash != exp.get("split_hash")
+                   for m in models]
+        if foreign:
+            paths = " ".join(str(self.model_dir(*m)) for m in foreign[:3])
+            raise StoreError(
+                f"store {self.root} mixes models made under other settings than its "
+                f"experiment.json ({exp.get('config_hash')}): {len(foreign)} model(s), "
+                f"{self._name_models(foreign)}; restore the experiment.json they were made with, "
+                f"or remove their folders ({paths}{' ...' if len(foreign) > 3 else ''}) and make "
+                "them again"
+            )
+
+    def _stored_config(self, exp: Mapping[str, Any]) -> Config:
         try:
             # Through the current defaults: a key added since the store was made counts as its
             # default, so older stores stay usable.
-            stored = from_mapping(exp.get("config", {})).to_dict()
+            return from_mapping(exp.get("config", {}))
         except UnlearnError as exc:
             raise StoreError(
                 f"store {self.root} was made by another version of unlearn and its config no "
                 f"longer validates ({exc}); use a new --store"
             ) from None
+
+    def rebuild_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
+                           num_classes: int | None) -> int:
+        """Write a lost experiment.json again, if `cfg` and `split` are what the models were
+        made under (their provenance). Returns how many models vouched for it."""
+        split_hash = hash_split(split)
+        groups = self._model_hashes()
+        accepted = cfg.identity_hashes()
+        foreign = [(h, len(m)) for h, m in groups.items()
+                   if h[0] not in accepted or h[1] != split_hash]
+        if foreign:
+            seen = "; ".join(f"{n} under {h[0]} (split {h[1]})" for h, n in foreign)
+            raise StoreError(
+                f"store {self.root} has lost its experiment.json, and its models were not made "
+                f"under this config ({cfg.identity_hash()}, split {split_hash}): {seen}; pass "
+                "the config they were made with (--config, --set), or use a new --store"
+            )
+        self._write_experiment(cfg, split, split_hash, num_classes)
+        return sum(len(m) for m in groups.values())
+
+    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
+                        num_classes: int | None = None) -> None:
+        """Create the experiment, or check that an existing one matches `cfg` and `split`.
+
+        num_classes: the dataset's class count, recorded so that every model's outputs can be
+        checked against it (stores made before it was recorded read it from the original model).
+        """
+        split_hash = hash_split(split)
+        if self.exists():
+            self.check_compatible(cfg, split_hash=split_hash)
+            self.repair_split(split)
+            return
+        self._write_experiment(cfg, split, split_hash, num_classes)
+
+    def _write_experiment(self, cfg: Config, split: Mapping[str, np.ndarray], split_hash: str,
+                          num_classes: int | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
+        self._split = None
+        record = {
+            "schema": SCHEMA,
+            "config": cfg.to_dict(),
+            "config_hash": cfg.identity_hash(),
+            "split_hash": split_hash,
+            "versions": versions(),
+            "created": now(),
+        }
+        if num_classes is not None:
+            record["num_classes"] = int(num_classes)
+        atomic_write_json(self.experiment_file, record)
+
+    def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
+        """Refuse a store made under other data/model/train settings, naming the differences."""
+        exp = self.read_experiment()
+        stored = self._stored_config(exp).to_dict()
         diffs = diff_sections(identity(stored), identity(cfg.to_dict()))
         if diffs:
             raise StoreError(
@@ -223,8 +342,144 @@ class Store:
         return exp
 
     def load_split(self) -> dict[str, np.ndarray]:
-        arrays, _ = self._load_npz(self.split_file)
-        return arrays
+        """The split's index arrays (and labels), read once per Store object."""
+        if self._split is None:
+            try:
+                self._split, _ = self._load_npz(self.split_file)
+            except StoreError as exc:
+                raise StoreError(f"{exc}; `{self.redo_command(REFERENCE)}` writes it again "
+                                 "from the store's config") from None
+        return self._split
+
+    def repair_split(self, split: Mapping[str, np.ndarray]) -> bool:
+        """Write split.npz again if it is missing or damaged and `split` is the recorded one.
+
+        `split` is recomputed from the config by the caller; its hash must equal the one in
+        experiment.json (checked by `init_experiment` first). Returns True if it was rewritten.
+        """
+        try:
+            if hash_split(self._load_npz(self.split_file)[0]) == self.read_experiment().get(
+                    "split_hash"):
+                return False
+        except StoreError:
+            pass
+        split_hash = hash_split(split)
+        if split_hash != self.read_experiment().get("split_hash"):
+            raise StoreError(
+                f"{self.split_file} is damaged and the config gives another split "
+                f"({split_hash}, {self.read_experiment().get('split_hash')} recorded); "
+                "use a new --store"
+            )
+        atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
+        self._split = None
+        return True
+
+    def _accepted_hashes(self) -> set[str]:
+        """The config hashes a model of this store may carry (read once per Store object)."""
+        if self._hashes is None:
+            self._hashes = self._stored_config(self.read_experiment()).identity_hashes()
+        return self._hashes
+
+    def num_classes(self) -> int | None:
+        """The class count every model's logits must have; None when the store cannot tell."""
+        exp = self.read_experiment()
+        if isinstance(exp.get("num_classes"), int):
+            return exp["num_classes"]
+        path = self.model_dir(ORIGINAL) / "outputs.npz"  # a store from before it was recorded
+        if path.is_file():
+            arrays, _ = self._load_npz(path)
+            logits = arrays.get("forget_logits")
+            if logits is not None and logits.ndim == 2:
+                return int(logits.shape[1])
+        return None
+
+    # checks ----------------------------------------------------------------------
+    def describe(self, kind: str, seed: int | None = None, method: str | None = None) -> str:
+        """A model as a user names it: `reference model seed 7`, `finetune run seed 1000003`."""
+        if kind == ORIGINAL:
+            return "the original model"
+        if kind == REFERENCE:
+            return f"reference model seed {seed}"
+        return f"{method} run seed {seed}"
+
+    def redo_command(self, kind: str, method: str | None = None) -> str:
+        """The command that makes a model of this kind again, as far as the store holds them.
+
+        Both commands redo a damaged or incomplete model themselves (see `damaged`); the count
+        keeps a rerun from training more models than the store had.
+        """
+        if kind == UNLEARNED:
+            seeds = self.done_seeds(UNLEARNED, method)
+            # Unlearning seeds are UNLEARN_SEED_BASE + run index (apply.py).
+            count = f" --num-models {max(seeds) - 1_000_000 + 1}" if seeds else ""
+            return f"unlearn apply --method {method} --store {self.root}{count}"
+        seeds = self.done_seeds(REFERENCE)
+        count = f" --num-models {max(seeds) + 1}" if seeds else ""
+        return f"unlearn train-refs --store {self.root}{count}"
+
+    def check_outputs(self, arrays: Mapping[str, np.ndarray], *, kind: str, seed: int | None,
+                      method: str | None = None) -> str | None:
+        """What is wrong with one model's outputs (see OUTPUTS), or None if they fit.
+
+        Checks every key against the split's sizes and the class count, the dtypes, and that the
+        numbers are finite (a diverged model's NaN would make every score of the store NaN).
+        """
+        split = self.load_split()
+        classes = self.num_classes()
+        for key, (part, has_classes, kinds) in OUTPUTS.items():
+            if key not in arrays:
+                return f"{key} is missing (found: {', '.join(sorted(arrays)) or 'nothing'})"
+            value = arrays[key]
+            rows = len(split[part])
+            if has_classes:
+                cols = classes if classes is not None else (value.shape[-1] if value.ndim else 0)
+                if value.ndim != 2 or value.shape != (rows, cols) or cols < 2:
+                    want = f"({rows}, {classes})" if classes is not None else f"({rows}, classes)"
+                    return (f"{key} has shape {tuple(value.shape)}, expected {want}: {rows} "
+                            f"{part} examples" + (f", {classes} classes" if classes else ""))
+            elif value.shape != (rows,):
+                return (f"{key} has shape {tuple(value.shape)}, expected ({rows},): one value per "
+                        f"{part} example")
+            if value.dtype.kind not in kinds:
+                return f"{key} has dtype {value.dtype}, expected " + (
+                    "bool" if kinds == "b" else "floating point")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                return f"{key} holds NaN or infinity (a diverged model)"
+        return None
+
+    def damaged(self, kind: str, seeds: Iterable[int | None] = (None,),
+                method: str | None = None) -> dict[int | None, str]:
+        """Models that look done (their outputs.npz exists) but are damaged or incomplete.
+
+        seed -> what is wrong: outputs.npz unreadable or not fitting the experiment, model.pt
+        missing or not a complete checkpoint. Reads every outputs.npz; of model.pt only the zip
+        directory at its end (a truncated or foreign file fails there), except for the original,
+        which every unlearning run starts from, whose every byte is checked against its CRCs.
+        """
+        found: dict[int | None, str] = {}
+        for seed in seeds:
+            folder = self.model_dir(kind, seed, method)
+            outputs = folder / "outputs.npz"
+            if not outputs.is_file():
+                continue  # not done: it will be made anyway
+            try:
+                arrays, _ = self._load_npz(outputs)
+                problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+            except StoreError as exc:
+                problem = str(exc)
+            if problem is None:
+                problem = _checkpoint_problem(folder / "model.pt", every_byte=kind == ORIGINAL)
+            if problem:
+                found[seed] = problem
+        return found
+
+    def discard(self, kind: str, seed: int | None = None, method: str | None = None) -> None:
+        """Forget a damaged model so that it is made again: its outputs.npz (the mark of a
+        finished model) goes first, then its checkpoint. Only call while holding the lock."""
+        folder = self.model_dir(kind, seed, method)
+        for name in ("outputs.npz", "model.pt"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
 
     # writers -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -268,6 +523,18 @@ class Store:
 
     def save_outputs(self, kind: str, seed: int | None, arrays: Mapping[str, np.ndarray],
                      meta: Mapping[str, Any], *, method: str | None = None) -> Path:
+        """Store a model's per-sample outputs (this marks it done), after checking them.
+
+        Outputs that do not fit the experiment (another class count, a wrong split, NaN) raise
+        OutputsError and nothing is written: stored, they would spoil every score of the store.
+        """
+        problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+        if problem:
+            raise OutputsError(
+                f"{self.describe(kind, seed, method)}: its outputs do not fit the experiment "
+                f"({problem}); nothing was stored for it: fix the model or method (one output per "
+                "class) and rerun"
+            )
         path = self.model_dir(kind, seed, method) / "outputs.npz"
         atomic_write_bytes(path, _npz_bytes(arrays, meta))
         return path
@@ -284,7 +551,7 @@ class Store:
                 stored = json.loads(path.read_text())
             except ValueError:
                 raise StoreError(
-                    f"{path} is damaged (not JSON); delete it and rerun `unlearn apply`"
+                    f"{path} is damaged (not JSON); delete {path} and rerun this command"
                 ) from None
             diffs = diff_sections(stored.get("params", {}), dict(record.get("params", {})))
             if diffs or stored.get("spec") != record.get("spec"):
@@ -326,9 +593,11 @@ class Store:
             if rec.is_file() and self.done_seeds(UNLEARNED, child.name):
                 try:
                     found.append((rec.stat().st_mtime, json.loads(rec.read_text())["name"]))
-                except (ValueError, KeyError):
-                    raise StoreError(f"{rec} is damaged; delete it and rerun `unlearn apply` "
-                                     "for that method") from None
+                except (ValueError, KeyError, TypeError):
+                    raise StoreError(
+                        f"{rec} is damaged; delete {rec} and rerun `unlearn apply --method "
+                        f"{child.name} --store {self.root}` (the method of that folder)"
+                    ) from None
         return [name for _, name in sorted(found)]
 
     def method_record(self, method: str) -> dict[str, Any]:
@@ -339,13 +608,34 @@ class Store:
             return json.loads(path.read_text())
         except ValueError:
             raise StoreError(
-                f"{path} is damaged (not JSON); delete it and rerun `unlearn apply --method "
+                f"{path} is damaged (not JSON); delete {path} and rerun `unlearn apply --method "
                 f"{method} --store {self.root}`"
             ) from None
 
     def load_outputs(self, kind: str, seed: int | None = None,
                      method: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return self._load_npz(self.model_dir(kind, seed, method) / "outputs.npz")
+        """One model's outputs (see OUTPUTS) and provenance, refused unless they fit the store.
+
+        Returns float `forget_logits` [F, C], `test_logits` [T, C], `retain_loss` [R] and bool
+        `retain_correct` [R]. A damaged or foreign file is an OutputsError naming the model, the
+        file and the command that makes it again.
+        """
+        path = self.model_dir(kind, seed, method) / "outputs.npz"
+        try:
+            arrays, meta = self._load_npz(path)
+        except StoreError as exc:
+            raise OutputsError(f"{self.describe(kind, seed, method)}: {exc}; "
+                               f"`{self.redo_command(kind, method)}` makes it again") from None
+        problem = self.check_outputs(arrays, kind=kind, seed=seed, method=method)
+        if problem is None and meta.get("config_hash") not in self._accepted_hashes():
+            problem = (f"it was made under config {meta.get('config_hash')}, the store's is "
+                       f"{self.read_experiment().get('config_hash')}")
+        if problem:
+            raise OutputsError(
+                f"{self.describe(kind, seed, method)}: {path} does not fit the experiment "
+                f"({problem}); `{self.redo_command(kind, method)}` makes it again"
+            )
+        return arrays, meta
 
     def load_model(self, kind: str, seed: int | None = None,
                    method: str | None = None) -> dict[str, Any]:
@@ -353,34 +643,49 @@ class Store:
         import torch
 
         path = self.model_dir(kind, seed, method) / "model.pt"
+        redo = f"`{self.redo_command(kind, method)}` finds it and makes it again"
         if not path.is_file():
-            raise StoreError(f"checkpoint {path} is missing; run `unlearn train-refs "
-                             f"--store {self.root}` to train it")
+            raise StoreError(f"checkpoint {path} is missing; {redo}")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             payload["meta"] = json.loads(payload["meta"])
             payload["state_dict"], payload["model"]  # noqa: B018 (presence check)
         except Exception as exc:  # noqa: BLE001 (any failure to read means a damaged file)
             raise StoreError(
-                f"checkpoint {path} is damaged or truncated ({type(exc).__name__}); delete it and "
-                f"rerun `unlearn train-refs --store {self.root}` to train it again"
+                f"checkpoint {path} is damaged or truncated ({type(exc).__name__}); {redo}"
             ) from None
         return payload
 
     def _load_npz(self, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and the JSON `meta` of an npz file; a missing or damaged file is a StoreError
+        whose message names the file (callers add the command that makes it again)."""
         if not path.is_file():
-            raise StoreError(f"{path} is missing; the store is incomplete: rerun the command "
-                             "that writes it")
+            raise StoreError(f"{path} is missing")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not a JSON object")
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise StoreError(
-                f"{path} is damaged or truncated ({type(exc).__name__}); delete its folder "
-                f"{path.parent} and rerun the command that made it"
-            ) from None
+            raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
+
+
+def _checkpoint_problem(path: Path, *, every_byte: bool) -> str | None:
+    """What is wrong with a model.pt (torch.save writes a zip file), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
+                return f"{path.name} is empty"
+            bad = archive.testzip() if every_byte else None
+        if bad is not None:
+            return f"{path.name} is damaged ({bad} fails its CRC)"
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        return f"{path.name} is damaged or truncated ({type(exc).__name__})"
+    return None
 
 
 def hash_split(split: Mapping[str, np.ndarray]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import Config, check_num_models
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
@@ -31,6 +31,10 @@ class TrainRefsResult:
     trained: list[int]  # reference seeds trained by this run
     reused: list[int]  # reference seeds already stored
     outcomes: list[JobOutcome]
+    # Models that were stored but damaged or incomplete, and were trained again: what was wrong.
+    redone: dict[str, str] = dataclasses.field(default_factory=dict)
+    # experiment.json was lost and written again, vouched for by this many models' provenance.
+    rebuilt: int = 0
 
 
 def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
@@ -42,6 +46,12 @@ def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
     for name in ("forget", "test", "retain"):
         split[f"{name}_labels"] = labels[split[name]].astype(np.int64)
     return split
+
+
+def _num_classes(cfg: Config) -> int:
+    from .data import load_dataset
+
+    return load_dataset(cfg.data).num_classes  # cached: prepare_split has just loaded it
 
 
 def choose_engine(cfg: Config, device: str) -> str:
@@ -65,16 +75,25 @@ def run(
     inline: bool | None = None,
 ) -> TrainRefsResult:
     """Train what is missing. on_plan(models_to_train, models_reused) is called before launching."""
-    if num_models < 1:
-        from .errors import UnlearnError
-
-        raise UnlearnError(f"--num-models must be at least 1, got {num_models}")
+    check_num_models(num_models)
     store = Store(store_root)
     if store.exists():
         store.check_compatible(cfg)  # fail fast, before touching anything
     split = prepare_split(cfg)
     with store.writing():
-        store.init_experiment(cfg, split)
+        rebuilt = 0
+        if not store.exists() and store.stored_models():  # experiment.json lost: rebuild it?
+            rebuilt = store.rebuild_experiment(cfg, split, _num_classes(cfg))
+        store.init_experiment(cfg, split, num_classes=_num_classes(cfg))
+        store.check_identity()  # no model made under other settings joins this bank
+        # A model that looks done but is damaged (model.pt unreadable or missing, outputs that do
+        # not fit) is forgotten here and trained again below, so that rerunning this command is
+        # the fix for every damaged reference model and for a damaged original.
+        redone = {}
+        for kind, seeds in ((ORIGINAL, [None]), (REFERENCE, range(num_models))):
+            for seed, problem in store.damaged(kind, seeds).items():
+                store.discard(kind, seed)
+                redone[store.describe(kind, seed)] = problem
         done = set(store.done_seeds(REFERENCE))
         missing = [s for s in range(num_models) if s not in done]
         need_original = not store.is_done(ORIGINAL)
@@ -94,9 +113,23 @@ def run(
                             {**base, "kind": REFERENCE, "seeds": chunk}, len(chunk)))
         if on_plan is not None:
             on_plan(count, len(done & set(range(num_models))) + int(not need_original))
+        if on_event is not None and jobs:
+            what = " and ".join(part for part in (
+                "the original" if need_original else "",
+                f"{len(missing)} reference model(s)" if missing else "") if part)
+            on_event("plan", "", f"training {what}: {describe_launch(jobs, slots, engine)}")
         outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
     raise_failures(outcomes, what="training", kept="the other models are stored")
-    return TrainRefsResult(store.root, need_original, missing, sorted(done), outcomes)
+    return TrainRefsResult(store.root, need_original, missing,
+                           sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
+
+
+def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None) -> str:
+    """`5 jobs on 2 CPU workers, 1 thread each (ensemble engine)`: how a run will be spread."""
+    kind = "GPU" if slots[0].gpu >= 0 else "CPU"
+    threads = slots[0].threads
+    return (f"{len(jobs)} job(s) on {len(slots)} {kind} worker(s), {threads} thread(s) each"
+            + (f" ({engine} engine)" if engine else ""))
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:

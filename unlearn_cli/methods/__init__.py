@@ -17,6 +17,7 @@ models; the rule looks at confidences and accuracies, never at the score F.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import sys
@@ -26,68 +27,134 @@ from typing import Any
 
 from ..config import Config, build_dataclass
 from ..errors import ConfigError, MethodError
-from . import (
-    bad_teacher,
-    finetune,
-    l1_sparse,
-    neggrad,
-    neggrad_plus,
-    none,
-    random_label,
-    reset_head,
-    retrain,
-    salun,
-    scrub,
-    ssd,
-)
-from .api import UnlearnData
 
 __all__ = ["REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
 
 
+def __getattr__(name: str) -> Any:
+    # `from unlearn_cli.methods import UnlearnData` keeps working without importing torch (api.py
+    # imports it) when only the registry is needed: `unlearn methods`, argument checks.
+    if name == "UnlearnData":
+        from .api import UnlearnData
+
+        return UnlearnData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _load(ref: str) -> Any:
+    """`.module:attr` (relative to this package) or `pkg.module:attr` -> the object."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module, package=__name__), attr)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A method: built-in entries name their function and parameters as `.module:attr` strings,
+    imported on first use, so that listing the registry never imports torch; plugins hold the
+    objects themselves."""
+
     name: str  # registry name, or the plugin's function name
-    fn: Callable[..., Any]
-    params: type | None  # frozen dataclass of hyperparameters; None for plugins (plain dict)
+    fn_ref: Callable[..., Any] | str  # the function, or where it is: ".finetune:unlearn"
+    params_ref: type | str | None  # frozen dataclass of hyperparameters (or where it is);
+    #                                None for plugins (plain dict)
     summary: str
     spec: str  # what the user typed after --method
 
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return _load(self.fn_ref) if isinstance(self.fn_ref, str) else self.fn_ref
 
+    @property
+    def params(self) -> type | None:
+        return _load(self.params_ref) if isinstance(self.params_ref, str) else self.params_ref
+
+
+# One entry per method, written out: Method(name, ".<file>:unlearn", ".<file>:Params", summary,
+# name). Strings, not imports, so that `unlearn methods` and every argument error answer at once.
 REGISTRY: dict[str, Method] = {
-    "none": Method("none", none.unlearn, none.Params,
+    "none": Method("none", ".none:unlearn", ".none:Params",
                    "return the original model unchanged (the floor: scores 0)", "none"),
-    "retrain": Method("retrain", retrain.unlearn, retrain.Params,
+    "retrain": Method("retrain", ".retrain:unlearn", ".retrain:Params",
                       "train from scratch on retain, as the references were (the oracle)",
                       "retrain"),
-    "finetune": Method("finetune", finetune.unlearn, finetune.Params,
+    "finetune": Method("finetune", ".finetune:unlearn", ".finetune:Params",
                        "fine-tune the original model on the retain set", "finetune"),
-    "reset-head": Method("reset-head", reset_head.unlearn, reset_head.Params,
+    "reset-head": Method("reset-head", ".reset_head:unlearn", ".reset_head:Params",
                          "re-initialise the classifier head, then fine-tune on retain",
                          "reset-head"),
-    "neggrad": Method("neggrad", neggrad.unlearn, neggrad.Params,
+    "neggrad": Method("neggrad", ".neggrad:unlearn", ".neggrad:Params",
                       "gradient ascent on the forget set's loss (NegGrad)", "neggrad"),
-    "neggrad-plus": Method("neggrad-plus", neggrad_plus.unlearn, neggrad_plus.Params,
+    "neggrad-plus": Method("neggrad-plus", ".neggrad_plus:unlearn", ".neggrad_plus:Params",
                            "descend on retain, ascend on forget (NegGrad+, Kurmanji 2023)",
                            "neggrad-plus"),
-    "random-label": Method("random-label", random_label.unlearn, random_label.Params,
+    "random-label": Method("random-label", ".random_label:unlearn", ".random_label:Params",
                            "fine-tune on forget with random wrong labels, mixed with retain",
                            "random-label"),
-    "scrub": Method("scrub", scrub.unlearn, scrub.Params,
+    "scrub": Method("scrub", ".scrub:unlearn", ".scrub:Params",
                     "obey the original on retain, disobey it on forget (SCRUB, 2023)",
                     "scrub"),
-    "salun": Method("salun", salun.unlearn, salun.Params,
+    "salun": Method("salun", ".salun:unlearn", ".salun:Params",
                     "random labels on the forget-salient weights only (SalUn, 2024)",
                     "salun"),
-    "l1-sparse": Method("l1-sparse", l1_sparse.unlearn, l1_sparse.Params,
+    "l1-sparse": Method("l1-sparse", ".l1_sparse:unlearn", ".l1_sparse:Params",
                         "fine-tune on retain with a decaying l1 penalty (Jia 2023)", "l1-sparse"),
-    "bad-teacher": Method("bad-teacher", bad_teacher.unlearn, bad_teacher.Params,
+    "bad-teacher": Method("bad-teacher", ".bad_teacher:unlearn", ".bad_teacher:Params",
                           "distil the original on retain, a random net on forget (2023)",
                           "bad-teacher"),
-    "ssd": Method("ssd", ssd.unlearn, ssd.Params,
+    "ssd": Method("ssd", ".ssd:unlearn", ".ssd:Params",
                   "shrink weights that matter far more to forget than to all (SSD)",
                   "ssd"),
 }
+
+
+class Interrupts:
+    """Tells a real Ctrl-C from a KeyboardInterrupt that user code raised itself.
+
+    Used around a plugin's import and each method call: `interrupted` is True only if SIGINT
+    arrived meanwhile. In a worker process SIGINT is ignored, so any KeyboardInterrupt there is
+    the code's own; it is then a failure of that method and seed, not a stop of the whole run.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupts:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):
+            return self  # SIGINT cannot arrive: nothing to tell apart
+
+        def note(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+
+        self._previous = previous
+        signal.signal(signal.SIGINT, note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def user_code_error(exc: BaseException, interrupts: Interrupts) -> str | None:
+    """One line for a SystemExit or a KeyboardInterrupt raised by user code; None when the
+    exception must go on (a real Ctrl-C, or anything else)."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) (a method must return the model or raise)"
+    if isinstance(exc, KeyboardInterrupt) and not interrupts.interrupted:
+        return "raised KeyboardInterrupt itself (no Ctrl-C was pressed)"
+    return None
 
 
 def is_plugin(spec: str) -> bool:
@@ -111,13 +178,21 @@ def resolve(spec: str) -> Method:
     if where.endswith(".py") or "/" in where or "\\" in where:
         module = _load_file(where, spec)
     else:
+        interrupts = Interrupts()
         try:
-            module = importlib.import_module(where)
+            with interrupts:
+                module = importlib.import_module(where)
         except ImportError as exc:
             raise MethodError(
                 f"plugin {spec!r}: cannot import module {where!r} ({exc}); check the name and "
                 "that it is importable (installed, or its folder on PYTHONPATH)"
             ) from None
+        except BaseException as exc:  # noqa: BLE001 - the user's module, any error
+            what = user_code_error(exc, interrupts)
+            if what is None and not isinstance(exc, Exception):
+                raise
+            raise MethodError(f"plugin {spec!r}: importing {where} "
+                              f"{what or f'failed: {type(exc).__name__}: {exc}'}") from None
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -139,11 +214,16 @@ def _load_file(path_text: str, spec: str) -> Any:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
+    interrupts = Interrupts()
     try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's file, any error
-        raise MethodError(f"plugin {spec!r}: importing {path_text} failed: "
-                          f"{type(exc).__name__}: {exc}") from None
+        with interrupts:
+            module_spec.loader.exec_module(module)
+    except BaseException as exc:  # noqa: BLE001 - the user's file, any error
+        what = user_code_error(exc, interrupts)
+        if what is None and not isinstance(exc, Exception):
+            raise  # a real Ctrl-C
+        raise MethodError(f"plugin {spec!r}: importing {path_text} "
+                          f"{what or f'failed: {type(exc).__name__}: {exc}'}") from None
     sys.modules[name] = module
     return module
 
