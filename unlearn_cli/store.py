@@ -176,25 +176,48 @@ class Store:
                 "or was damaged: use a new --store"
             ) from None
 
-    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray]) -> None:
-        """Create the experiment, or check that an existing one matches `cfg` and `split`."""
+    def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray], *,
+                        data: Mapping[str, Any] | None = None,
+                        model_spec: Mapping[str, Any] | None = None) -> None:
+        """Create the experiment, or check that an existing one matches `cfg` and `split`.
+
+        data: what the data was ({dataset, fingerprint, ...}, see `check_data`); model_spec: the
+        spec every model of the experiment is built from (so a plugin model is rebuilt from its
+        recorded file from any folder). Both are recorded when given.
+        """
         split_hash = hash_split(split)
         if self.exists():
             self.check_compatible(cfg, split_hash=split_hash)
             return
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
-        atomic_write_json(
-            self.experiment_file,
-            {
-                "schema": SCHEMA,
-                "config": cfg.to_dict(),
-                "config_hash": cfg.identity_hash(),
-                "split_hash": split_hash,
-                "versions": versions(),
-                "created": now(),
-            },
-        )
+        record = {
+            "schema": SCHEMA,
+            "config": cfg.to_dict(),
+            "config_hash": cfg.identity_hash(),
+            "split_hash": split_hash,
+            "versions": versions(),
+            "created": now(),
+        }
+        if data is not None:
+            record["data"] = dict(data)
+        if model_spec is not None:
+            record["model_spec"] = dict(model_spec)
+        atomic_write_json(self.experiment_file, record)
+
+    def check_data(self, fingerprint: str, dataset: str, where: str) -> None:
+        """Refuse data whose content fingerprint differs from the one the store recorded.
+
+        Stores made before fingerprints were recorded have none and are not checked (their
+        split's hash, which holds the labels, still is).
+        """
+        stored = (self.read_experiment().get("data") or {}).get("fingerprint")
+        if stored is not None and stored != fingerprint:
+            raise StoreError(
+                f"store {self.root} was made from other data: the {dataset} dataset at {where} "
+                f"changed since (fingerprint {stored} then, {fingerprint} now); restore the data "
+                "the store was made from, or use a new --store"
+            )
 
     def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:
         """Refuse a store made under other data/model/train settings, naming the differences."""
