@@ -9,12 +9,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,7 +44,8 @@ err_console = Console(stderr=True)
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="Experiment YAML. Default: the store's own config if it "
-                 "exists, else configs/digits.yaml.", show_default=False),
+                 "exists, else the bundled digits config. A bare name picks a bundled config "
+                 "(`unlearn configs`).", show_default=False),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -79,7 +82,9 @@ def _boundary(fn):
         except UnlearnError as exc:
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages hold shapes such as [n, 3, 32, 32], which are not markup
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # a path the user gave: a folder, no permission, a full disk
             if os.environ.get("UNLEARN_TRACEBACK"):
@@ -281,6 +286,43 @@ def methods_cmd() -> None:
 
     for name, m in REGISTRY.items():
         console.print(f"[bold]{name:<12}[/bold] {m.summary}")
+
+
+configs_app = typer.Typer(help="The configs that ship with unlearn: list them, or print one to "
+                          "copy and edit.", add_completion=False)
+app.add_typer(configs_app, name="configs")
+
+
+@configs_app.callback(invoke_without_command=True)
+def configs_cmd(ctx: typer.Context) -> None:
+    """List the bundled configs (use one with --config NAME)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .config import CONFIG_DIR, bundled_configs
+
+    for name in bundled_configs():
+        lines = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+        # The first comment after the "# Used by:" line says what the experiment is.
+        about = next((ln.lstrip("# ").strip() for ln in lines[1:]
+                      if ln.startswith("#") and ln.lstrip("# ").strip()), "")
+        about = re.split(r" \(|: ", about)[0]  # its first clause
+        console.print(f"[bold]{name:<18}[/bold] {about}", highlight=False, soft_wrap=True)
+    console.print(f"(in {CONFIG_DIR}) print one with `unlearn configs show NAME`, copy it with "
+                  "`unlearn configs show NAME > my.yaml`", highlight=False, soft_wrap=True)
+
+
+@configs_app.command("show")
+@_boundary
+def configs_show_cmd(name: Annotated[str, typer.Argument(help="A bundled config, e.g. digits.")]
+                     ) -> None:
+    """Print a bundled config as it is, to read or to copy and edit."""
+    from .config import bundled_config, bundled_configs
+
+    path = bundled_config(name)
+    if path is None:
+        raise UnlearnError(f"no bundled config {name!r}; bundled: {', '.join(bundled_configs())} "
+                           "(`unlearn configs` lists them)")
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
 def main() -> None:

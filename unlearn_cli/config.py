@@ -272,7 +272,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          "model.widths",
          f"{stages} widths >= 1 for {m.arch} (or none)" if stages else f"none for {m.arch}",
          list(m.widths))
-    need(m.arch == "mlp" or d.dataset != "digits", "model.arch",
+    need(d.dataset != "digits" or not (m.arch in ("resnet18", "fastnet")
+                                       or m.arch.startswith("torchvision:")), "model.arch",
          f"an architecture for {d.dataset} (mlp); {m.arch} needs images (cifar10, ...)", m.arch)
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)

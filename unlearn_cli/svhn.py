@@ -7,8 +7,8 @@ Layout (as torchvision downloads it, straight into `data.root`; `data.root/svhn/
 
 Each file is a MATLAB v5 file with `X`: uint8 [32, 32, 3, n] (height, width, channel, image) and
 `y`: [n, 1] labels 1..10, where 10 means the digit 0 (torchvision maps it to 0, as here).
-`extra_32x32.mat` is not used. `scipy.io.loadmat` reads only numeric arrays here: nothing in the file is run.
-Images are kept as uint8 [n, 3, 32, 32] (NCHW), like CIFAR.
+`extra_32x32.mat` is not used. `scipy.io.loadmat` reads only numeric arrays here: nothing in the
+file is run. Images are kept as uint8 [n, 3, 32, 32] (NCHW), like CIFAR.
 """
 
 from __future__ import annotations
