@@ -488,6 +488,11 @@ BAD = {
                           ["data.dataset=arrays", "data.root=d.npz", "model.arch=fastnet",
                            "model.widths=[4, 4, 4]", "data.forget_size=4"],
                           "model.arch fastnet cannot take the arrays inputs [1, 8, 8]"),
+    "flip on features": (lambda r: write_arrays(r / "d.npz", kind="features"),
+                         ["data.dataset=arrays", "data.root=d.npz", "train.flip=true"],
+                         "train.flip false for the arrays features"),
+    "download imagefolder": (lambda r: None, ["data.dataset=imagefolder", "data.download=true"],
+                             "data.download: expected false for imagefolder"),
     "image size for cifar": (lambda r: None, ["data.dataset=cifar100", "data.image_size=64"],
                              "data.image_size: expected no value for cifar100"),
 }
@@ -525,3 +530,26 @@ def test_old_stores_keep_their_identity():
     commit), so experiment.json's config_hash of every existing store still matches."""
     assert load_config(None).identity_hash() == "6ea97b5e1690c56b"
     assert data.DataConfig().forget.kind == ""
+
+
+def test_a_module_plugin_is_recorded_and_checked(tmp_path, monkeypatch):
+    from unlearn_cli.config import ModelConfig
+    from unlearn_cli.errors import StoreError
+    from unlearn_cli.models import build_model, check_sources, model_spec
+
+    package = tmp_path / "zoo_pkg_for_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = model_spec(ModelConfig(arch="zoo_pkg_for_test.nets:build"), (3, 8, 8), 5,
+                      mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 1.0))
+    assert spec["plugin"]["module"] == "zoo_pkg_for_test.nets"
+    assert spec["plugin"]["path"] == str(package / "nets.py")
+    model = build_model(spec)
+    assert model(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape == (2, 5)
+    (package / "nets.py").write_text(PLUGIN.replace("4, 3, padding", "5, 3, padding"))
+    with pytest.raises(StoreError, match="changed since the model was made"):
+        check_sources(spec)
+    with pytest.raises(StoreError, match="changed since the model was made"):
+        build_model(spec)

@@ -253,6 +253,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          "data.image_size", "pixels >= 8" if d.dataset == "imagefolder" else
          f"no value for {d.dataset} (only imagefolder resizes; remove the key)", d.image_size)
     _check_forget(d.forget, problems)
+    need(not d.download or d.dataset in ("cifar10", "cifar100", "svhn"), "data.download",
+         f"false for {d.dataset} (only cifar10, cifar100 and svhn can be downloaded)", d.download)
     need(d.dataset == "digits" or d.test_fraction == DataConfig.test_fraction,
          "data.test_fraction",
          f"no value for {d.dataset}, whose test set is fixed (remove the key)",
