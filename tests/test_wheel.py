@@ -64,3 +64,25 @@ def test_the_wheel_runs_the_default_from_another_folder(tmp_path):
     _run([unlearn, "train-refs", "--num-models", 1, "--workers", 1, "--device", "cpu",
           "--set", "train.epochs=1"], cwd=elsewhere, env=env, timeout=300)
     assert (elsewhere / "runs" / "digits" / "reference" / "seed-000000" / "outputs.npz").is_file()
+
+
+def test_configs_lists_and_shows_the_bundled_configs():
+    from typer.testing import CliRunner
+
+    from unlearn_cli.cli import app
+    from unlearn_cli.config import load_config
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["configs"])
+    assert listed.exit_code == 0
+    for path in (REPO / "configs").glob("*.yaml"):
+        assert path.stem in listed.output
+        shown = runner.invoke(app, ["configs", "show", path.stem])
+        assert shown.exit_code == 0 and shown.output == path.read_text()
+    bad = runner.invoke(app, ["configs", "show", "nope"])
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert bad.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: no bundled config 'nope'; bundled: cifar10-fast")
+    # --config takes a bundled name, with or without .yaml.
+    assert load_config("cifar10-fast").name == load_config("cifar10-fast.yaml").name == \
+        "cifar10-fast"
