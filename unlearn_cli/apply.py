@@ -57,6 +57,18 @@ def check_ready(store: Store) -> list[int]:
     return refs
 
 
+def check_data_and_model(cfg: Config, store: Store) -> dict[str, Any]:
+    """Refuse changed data or a changed model plugin; returns the original checkpoint."""
+    from .data import load_dataset
+    from .models import check_sources
+
+    dataset = load_dataset(cfg.data, str(store.root / "data"))
+    store.check_data(dataset.fingerprint, cfg.data.dataset, cfg.data.root)
+    original = store.load_model(ORIGINAL)
+    check_sources(original["model"])
+    return original
+
+
 def run(
     cfg: Config,
     store_root: str | Path,
@@ -77,7 +89,7 @@ def run(
     store.check_compatible(cfg)
     store.check_identity()
     params = method_params(method, cfg)
-    store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
+    check_data_and_model(cfg, store)  # and a damaged original checkpoint, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
         "name": method_spec,
@@ -217,7 +229,7 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     store.check_compatible(cfg)
     store.check_identity()
     params = method_params(method, cfg)
-    original = store.load_model(ORIGINAL)
+    original = check_data_and_model(cfg, store)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]
     ctx = context({"store": str(store.root), "config": cfg.to_dict()}, slot.local_device())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -67,7 +68,8 @@ def _error(text: str) -> None:
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="Experiment YAML. Default: the store's own config if it "
-                 "exists, else configs/digits.yaml.", show_default=False),
+                 "exists, else the bundled digits config. A bare name picks a bundled config "
+                 "(`unlearn configs`).", show_default=False),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -331,6 +333,43 @@ def methods_cmd() -> None:
 
     for name, m in REGISTRY.items():
         typer.echo(f"{typer.style(f'{name:<12}', bold=True)} {m.summary}")
+
+
+configs_app = typer.Typer(help="The configs that ship with unlearn: list them, or print one to "
+                          "copy and edit.", add_completion=False)
+app.add_typer(configs_app, name="configs")
+
+
+@configs_app.callback(invoke_without_command=True)
+def configs_cmd(ctx: typer.Context) -> None:
+    """List the bundled configs (use one with --config NAME)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .config import CONFIG_DIR, bundled_configs
+
+    for name in bundled_configs():
+        lines = (CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+        # The first comment after the "# Used by:" line says what the experiment is.
+        about = next((ln.lstrip("# ").strip() for ln in lines[1:]
+                      if ln.startswith("#") and ln.lstrip("# ").strip()), "")
+        about = re.split(r" \(|: ", about)[0]  # its first clause
+        typer.echo(f"{typer.style(f'{name:<18}', bold=True)} {about}")
+    _say(f"(in {CONFIG_DIR}) print one with `unlearn configs show NAME`, copy it with "
+         "`unlearn configs show NAME > my.yaml`")
+
+
+@configs_app.command("show")
+@_boundary
+def configs_show_cmd(name: Annotated[str, typer.Argument(help="A bundled config, e.g. digits.")]
+                     ) -> None:
+    """Print a bundled config as it is, to read or to copy and edit."""
+    from .config import bundled_config, bundled_configs
+
+    path = bundled_config(name)
+    if path is None:
+        raise UnlearnError(f"no bundled config {name!r}; bundled: {', '.join(bundled_configs())} "
+                           "(`unlearn configs` lists them)")
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,54 @@ import yaml
 
 from .errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The bundled configs: inside the installed package (a wheel maps the repository's top-level
+    configs/ to unlearn_cli/configs, see pyproject.toml), else the source tree's configs/."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_CONFIG = CONFIG_DIR / "digits.yaml"
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder", "arrays")
+FORGET_KINDS = ("random", "class", "indices")
+BUILTIN_ARCHS = ("mlp", "resnet18", "fastnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetConfig:
+    """data.forget, the long form of the forget set; kind "" = the short form data.forget_size."""
+
+    kind: str = ""  # random | class | indices
+    size: float = 0.0  # random: a count (>= 1) or a fraction of train (< 1)
+    classes: tuple[int, ...] = ()  # class: every training example of these labels
+    file: str = ""  # indices: a .npy or a text file, one index a line (into the train set)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits (bundled with scikit-learn) | cifar10 (from root)
-    root: str = "data"  # folder for datasets that live on disk; unused by digits
-    download: bool = False  # cifar10: download into root if missing (needs internet)
-    # Share of all examples held out as the test set, stratified. Digits only: cifar10 has a fixed
-    # test set (test_batch).
+    # digits (bundled with scikit-learn) | cifar10 | cifar100 | svhn | imagefolder | arrays
+    dataset: str = "digits"
+    # Where data that lives on disk is: a folder (cifar10, cifar100, svhn, imagefolder) or the
+    # .npz file (arrays); unused by digits.
+    root: str = "data"
+    download: bool = False  # cifar10/cifar100/svhn: download into root if missing (internet)
+    # Share of all examples held out as the test set, stratified. Digits only: the others have a
+    # fixed test set.
     test_fraction: float = 0.25
     forget_size: float = 0.1  # forget set: a count (>= 1) or a fraction of train (< 1)
     split_seed: int = 0  # seeds the train/test split and the choice of the forget set
+    image_size: int = 32  # imagefolder: images are resized (and centre-cropped) to this, pixels
+    forget: ForgetConfig = ForgetConfig()  # the long form; overrides forget_size when set
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mlp"  # mlp | resnet18 (CIFAR form) | fastnet (airbench-style conv net)
+    # mlp | resnet18 (CIFAR form) | fastnet (airbench-style conv net) | torchvision:NAME |
+    # a plugin: path/to/file.py:fn or pkg.module:fn, called as fn(num_classes, input_shape)
+    arch: str = "mlp"
     hidden: tuple[int, ...] = (128,)  # mlp: hidden layer widths, units
     # Channels per stage; empty = the architecture's own: resnet18 [64, 128, 256, 512],
     # fastnet [64, 256, 256]. Smaller values make tiny test models.
@@ -92,23 +121,14 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def identity_hash(self) -> str:
-        """A short hash of what defines the experiment (see `identity`), stable across versions.
-
-        Keys added after the first stores were written (ADDED_LATER) are left out while they hold
-        the value that reproduces the older behaviour, so adding a key does not change the hash
-        of the stores and models made before it.
-        """
-        ident = identity(self.to_dict())
-        for section, keys in ADDED_LATER.items():
-            for key, neutral in keys.items():
-                if ident.get(section, {}).get(key, neutral) == neutral:
-                    ident.get(section, {}).pop(key, None)
-        return _hash(ident)
+        """A short hash of what defines the experiment (see `identity`), stable across versions:
+        a key added later leaves the hash of the configs made before it unchanged."""
+        return _hash(identity(self.to_dict()))
 
     def identity_hashes(self) -> set[str]:
-        """Every hash a model of this experiment may carry: `identity_hash`, and the hash of the
-        whole identity that versions before ADDED_LATER wrote."""
-        return {self.identity_hash(), _hash(identity(self.to_dict()))}
+        """Every hash a model of this experiment may carry: `identity_hash`, and the form that
+        version 0.1.0 wrote (see HASHED_BY_0_1_0)."""
+        return {self.identity_hash(), _hash(identity(self.to_dict(), keep=HASHED_BY_0_1_0))}
 
 
 def _hash(obj: Any) -> str:
@@ -129,20 +149,48 @@ FIRST_KEYS = {
     "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "engine"),
 }
 ADDED_LATER: dict[str, dict[str, Any]] = {
-    "data": {"download": False},
+    "data": {"download": False, "image_size": 32,
+             "forget": {"kind": "", "size": 0.0, "classes": [], "file": ""}},
     "model": {"widths": []},
     "train": {"nesterov": True, "schedule": "cosine", "label_smoothing": 0.0, "drop_last": False,
               "crop_padding": 0, "flip": False, "precision": "fp32", "channels_last": False,
               "compile": "none"},
 }
+# The later keys that stores of version 0.1.0 (the first to record config hashes) hashed whatever
+# their value: `identity_hashes` accepts that form too, so those stores keep their identity.
+HASHED_BY_0_1_0 = {
+    "data": ("download",),
+    "model": ("widths",),
+    "train": ("nesterov", "schedule", "label_smoothing", "drop_last", "crop_padding", "flip",
+              "precision", "channels_last", "compile"),
+}
 
 
-def identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config (as `Config.to_dict()`) that defines an experiment."""
+def identity(config: Mapping[str, Any], *,
+             keep: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The part of a resolved config (as `Config.to_dict()`) that defines an experiment.
+
+    A key of ADDED_LATER is left out while it holds its neutral value (the value that reproduces
+    what came before it), so adding a key changes no existing identity; `keep` names later keys
+    to keep whatever their value (per section).
+    """
     out = {}
     for section in REFERENCE_SECTIONS:
         skip = NOT_IDENTITY.get(section, ())
-        out[section] = {k: v for k, v in config.get(section, {}).items() if k not in skip}
+        kept = (keep or {}).get(section, ())
+        later = ADDED_LATER.get(section, {})
+        out[section] = {k: v for k, v in config.get(section, {}).items()
+                        if k not in skip and (k in kept or not (k in later and v == later[k]))}
+    # The long form of the forget set makes data.forget_size moot; {kind: random, size: N} is the
+    # same experiment as forget_size: N; an indices file's place is not what defines the
+    # experiment (its content is, through the split's hash).
+    data = out.get("data", {})
+    forget = data.pop("forget", None) or {}
+    if forget.get("kind") == "random":
+        data["forget_size"] = forget.get("size")
+    elif forget.get("kind"):
+        data.pop("forget_size", None)
+        data["forget"] = {k: v for k, v in forget.items() if k != "file"}
     return out
 
 _SECTIONS = {
@@ -214,6 +262,9 @@ def build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> A
                 f"{prefix}.{key}: unknown key; valid keys under {prefix}: {', '.join(names)}"
             )
             continue
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, such as data.forget
+            kwargs[key] = build_dataclass(hints[key], value, f"{prefix}.{key}", problems)
+            continue
         ok, converted = _coerce(value, hints[key])
         if not ok:
             hint = ""
@@ -233,10 +284,15 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key}: expected {what}, got {value!r}")
 
     d, t, m, launch = cfg.data, cfg.train, cfg.model, cfg.launch
-    need(d.dataset in ("digits", "cifar10"), "data.dataset", "one of: digits, cifar10",
-         d.dataset)
+    need(d.dataset in DATASETS, "data.dataset", f"one of: {', '.join(DATASETS)}", d.dataset)
     need(0 < d.test_fraction < 1, "data.test_fraction", "a fraction between 0 and 1",
          d.test_fraction)
+    need(d.image_size >= 8 if d.dataset == "imagefolder" else d.image_size == 32,
+         "data.image_size", "pixels >= 8" if d.dataset == "imagefolder" else
+         f"no value for {d.dataset} (only imagefolder resizes; remove the key)", d.image_size)
+    _check_forget(d.forget, problems)
+    need(not d.download or d.dataset in ("cifar10", "cifar100", "svhn"), "data.download",
+         f"false for {d.dataset} (only cifar10, cifar100 and svhn can be downloaded)", d.download)
     need(d.dataset == "digits" or d.test_fraction == DataConfig.test_fraction,
          "data.test_fraction",
          f"no value for {d.dataset}, whose test set is fixed (remove the key)",
@@ -247,16 +303,18 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         "a fraction in (0, 1) or a whole count >= 1",
         d.forget_size,
     )
-    need(m.arch in ("mlp", "resnet18", "fastnet"), "model.arch",
-         "one of: mlp, resnet18, fastnet", m.arch)
+    need(m.arch in BUILTIN_ARCHS or ":" in m.arch, "model.arch",
+         f"one of: {', '.join(BUILTIN_ARCHS)}, torchvision:NAME, or a plugin path/to/file.py:fn "
+         "or pkg.module:fn", m.arch)
     need(all(h >= 1 for h in m.hidden), "model.hidden", "widths >= 1", list(m.hidden))
     stages = {"mlp": 0, "resnet18": 4, "fastnet": 3}.get(m.arch, 0)
     need(len(m.widths) in ((0, stages) if stages else (0,)) and all(w >= 1 for w in m.widths),
          "model.widths",
          f"{stages} widths >= 1 for {m.arch} (or none)" if stages else f"none for {m.arch}",
          list(m.widths))
-    need(m.arch == "mlp" or d.dataset == "cifar10", "model.arch",
-         f"an architecture for {d.dataset} (mlp); {m.arch} needs 3x32x32 images (cifar10)", m.arch)
+    need(d.dataset != "digits" or not (m.arch in ("resnet18", "fastnet")
+                                       or m.arch.startswith("torchvision:")), "model.arch",
+         f"an architecture for {d.dataset} (mlp); {m.arch} needs images (cifar10, ...)", m.arch)
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "a number > 0", t.lr)
@@ -270,7 +328,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          t.label_smoothing)
     need(t.crop_padding >= 0, "train.crop_padding", "an integer >= 0 (0 = no random crop)",
          t.crop_padding)
-    need((t.crop_padding == 0 and not t.flip) or d.dataset == "cifar10", "train.crop_padding",
+    need((t.crop_padding == 0 and not t.flip) or d.dataset != "digits", "train.crop_padding",
          f"0 and train.flip false for {d.dataset} (crop and flip need images)",
          f"crop_padding={t.crop_padding}, flip={t.flip}")
     need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
@@ -305,6 +363,32 @@ def check_num_models(n: int | None) -> None:
             f"--num-models {n} is more than {MAX_MODELS:,} models per bank; the challenge used "
             "512 (pick a number up to that, e.g. --num-models 100)"
         )
+
+
+def _check_forget(f: ForgetConfig, problems: list[str]) -> None:
+    """data.forget: each kind takes its own key and no other."""
+    if not f.kind and f == ForgetConfig():
+        return
+    own = {"random": "size", "class": "classes", "indices": "file"}.get(f.kind)
+    if own is None:
+        problems.append(f"data.forget.kind: expected one of: {', '.join(FORGET_KINDS)}, got "
+                        f"{f.kind!r} (for example data.forget={{kind: class, classes: [3]}})")
+        return
+    given = [k for k in ("size", "classes", "file") if getattr(f, k) != getattr(ForgetConfig, k)]
+    for key in given:
+        if key != own:
+            problems.append(f"data.forget.{key}: expected no value for kind {f.kind} (it takes "
+                            f"data.forget.{own}), got {getattr(f, key)!r}")
+    if f.kind == "random" and not (0 < f.size < 1 or (f.size >= 1 and f.size.is_integer())):
+        problems.append(f"data.forget.size: expected a fraction in (0, 1) or a whole count >= 1, "
+                        f"got {f.size!r}")
+    if f.kind == "class" and (not f.classes or min(f.classes) < 0
+                              or len(set(f.classes)) != len(f.classes)):
+        problems.append(f"data.forget.classes: expected distinct class labels >= 0, for example "
+                        f"[3, 5], got {list(f.classes)!r}")
+    if f.kind == "indices" and not f.file:
+        problems.append("data.forget.file: expected the path of a .npy or text file of training "
+                        "indices, one a line")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -391,13 +475,19 @@ def from_mapping(raw: Any, *, source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (the digits default when `path` is None) and apply `--set` overrides."""
+    """Load a YAML config (the digits default when `path` is None) and apply `--set` overrides.
+
+    A bare name that is not a file here names a bundled config: `cifar10-fast` or
+    `cifar10-fast.yaml` (`unlearn configs` lists them).
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file() and path.parent == Path("."):
+        path = bundled_config(path.name) or path
     if not path.is_file():
-        hint = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(
-            f"config file {path} does not exist; pass --config with an existing YAML file "
-            f"(bundled: {hint})"
+            f"config file {path} does not exist; pass --config with an existing YAML file or the "
+            f"name of a bundled one ({', '.join(n + '.yaml' for n in bundled_configs())}; "
+            "`unlearn configs` lists them)"
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -417,6 +507,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw = apply_overrides(raw, overrides)
     source = f"{path} with the command-line options" if overrides else str(path)
     return from_mapping(raw, source=source)
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs that ship with the package, such as `digits`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def bundled_config(name: str) -> Path | None:
+    """The bundled config called `name` (with or without .yaml), or None."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    return CONFIG_DIR / f"{stem}.yaml" if stem in bundled_configs() else None
 
 
 def diff_sections(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -46,7 +46,11 @@ def _context(store_root: str, cfg_json: str, device: str) -> Context:
     cfg = from_mapping(json.loads(cfg_json))
     store = Store(store_root)
     split = store.load_split()
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data, str(store.root / "data"))
+    # The spec the experiment recorded (a plugin model's file, found from any folder); stores
+    # made before it was recorded: built from the config, as then.
+    spec = store.read_experiment().get("model_spec") or model_spec(
+        cfg.model, dataset.input_shape, dataset.num_classes, mean=dataset.mean, std=dataset.std)
     dev = torch.device(device)
     return Context(
         cfg=cfg,
@@ -55,8 +59,7 @@ def _context(store_root: str, cfg_json: str, device: str) -> Context:
         split_hash=hash_split(split),
         x=dataset.x.to(dev),
         y=dataset.y.to(dev),
-        spec=model_spec(cfg.model, dataset.input_shape, dataset.num_classes, mean=dataset.mean,
-                        std=dataset.std),
+        spec=spec,
         num_classes=dataset.num_classes,
         device=dev,
     )

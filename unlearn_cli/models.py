@@ -15,12 +15,23 @@ Architectures:
   conv -> max-pool -> BatchNorm -> GELU -> conv -> BatchNorm -> GELU (widths 64, 256, 256), a
   max-pool and a bias-free linear head scaled by 1/9. Its BatchNorms learn only a bias, whose
   learning rate is 64x that of the weights (via a reparametrisation, so plain SGD does it).
+- `torchvision:NAME`: any torchvision classification model (`torchvision.models.list_models()`),
+  built with `num_classes` from the data and random weights (never downloaded ones).
+- a plugin, `path/to/file.py:fn` or `pkg.module:fn`: `fn(num_classes, input_shape)` returns the
+  `nn.Module`; it receives inputs as the normalisation layer leaves them (float32 NCHW images, or
+  the features as stored). The spec records the plugin's absolute path and the SHA-256 of its
+  file: a checkpoint is rebuilt from that file, and refused if the file changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig
+from .errors import ConfigError, StoreError
 
 DEFAULT_WIDTHS = {"resnet18": (64, 128, 256, 512), "fastnet": (64, 256, 256)}
 
@@ -48,6 +60,8 @@ def model_spec(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
     }
     if cfg.arch in DEFAULT_WIDTHS:
         spec["widths"] = list(cfg.widths or DEFAULT_WIDTHS[cfg.arch])
+    if is_plugin(cfg.arch):
+        spec["plugin"] = plugin_record(cfg.arch)
     if mean is not None and std is not None:
         spec["normalize"] = {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     return spec
@@ -198,8 +212,176 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if arch in ("resnet18", "fastnet"):
         cls = ResNet18 if arch == "resnet18" else FastNet
         body = cls(spec["widths"], spec["num_classes"], spec["input_shape"][0])
-        return nn.Sequential(*front, body) if front else body
-    raise ValueError(f"unknown model arch {spec['arch']!r}")
+    elif arch.startswith(TORCHVISION):
+        body = _torchvision_model(arch[len(TORCHVISION):], spec["num_classes"])
+    elif is_plugin(arch):
+        body = _plugin_model(spec)
+    else:
+        raise ValueError(f"unknown model arch {spec['arch']!r}")
+    return nn.Sequential(*front, body) if front else body
+
+
+# ---------------------------------------------------------------- torchvision and plugins
+
+TORCHVISION = "torchvision:"
+
+
+def is_plugin(arch: str) -> bool:
+    """A user's builder function (`file.py:fn`, `pkg.module:fn`), not torchvision's."""
+    return ":" in arch and not arch.startswith(TORCHVISION)
+
+
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    """torchvision's classification model `name`, randomly initialised, num_classes outputs."""
+    import torchvision
+    import torchvision.models as tvm
+
+    known = tvm.list_models(module=tvm)  # classification models only
+    if name not in known:
+        raise ConfigError(
+            f"model.arch: torchvision {torchvision.__version__} has no classification model "
+            f"{name!r}; use one of torchvision.models.list_models(), e.g. torchvision:resnet18, "
+            "torchvision:resnet50, torchvision:mobilenet_v3_small"
+        )
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        # Their auxiliary heads make training return a tuple; the metric needs plain logits.
+        kwargs.update(aux_logits=False, init_weights=True)
+    return tvm.get_model(name, **kwargs)
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per (path, size, mtime) in this process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _FILE_HASHES[key]
+
+
+def plugin_record(arch: str) -> dict[str, Any]:
+    """Where a model plugin lives: {path (absolute), module (or None for a file), function,
+    sha256 of the file}; ConfigError if it cannot be found."""
+    where, _, fn_name = arch.rpartition(":")
+    if not where or not fn_name.isidentifier():
+        raise ConfigError(f"model.arch {arch!r} is not of the form path/to/file.py:function or "
+                          "pkg.module:function (or torchvision:NAME, or a built-in)")
+    module = None
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"model.arch {arch!r}: file {path} does not exist; give the path of "
+                              "a .py file, relative to the current folder or absolute")
+    else:
+        try:
+            found = importlib.util.find_spec(where)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.origin or not Path(found.origin).is_file():
+            raise ConfigError(f"model.arch {arch!r}: cannot find module {where!r}; check the name "
+                              "and that it is importable (installed, or its folder on PYTHONPATH)")
+        module, path = where, Path(found.origin).resolve()
+    return {"path": str(path), "module": module, "function": fn_name, "sha256": _sha256(path)}
+
+
+def _plugin_model(spec: dict[str, Any]) -> nn.Module:
+    """Call the plugin recorded in the spec, after checking its file is the one recorded."""
+    record = spec.get("plugin") or plugin_record(spec["arch"])
+    arch, path = spec["arch"], Path(record["path"])
+    now = _verify_plugin_file(arch, record)
+    if record.get("module"):
+        try:
+            module = importlib.import_module(record["module"])
+        except Exception as exc:  # noqa: BLE001 - the user's module, any error
+            raise ConfigError(f"model.arch {arch!r}: importing {record['module']} failed: "
+                              f"{type(exc).__name__}: {exc}") from None
+    else:
+        name = f"unlearn_model_plugin_{now[:16]}"
+        module = sys.modules.get(name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:  # noqa: BLE001 - the user's file, any error
+                raise ConfigError(f"model.arch {arch!r}: importing {path} failed: "
+                                  f"{type(exc).__name__}: {exc}") from None
+            sys.modules[name] = module
+    fn = getattr(module, record["function"], None)
+    if not callable(fn):
+        raise ConfigError(f"model.arch {arch!r}: {path} has no function {record['function']!r}")
+    try:
+        model = fn(int(spec["num_classes"]), tuple(spec["input_shape"]))
+    except Exception as exc:  # noqa: BLE001 - the user's function, any error
+        raise ConfigError(f"model.arch {arch!r}: {record['function']}({spec['num_classes']}, "
+                          f"{tuple(spec['input_shape'])}) failed: {type(exc).__name__}: {exc}"
+                          ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.arch {arch!r}: {record['function']} returned "
+                          f"{type(model).__name__}; it must return a torch.nn.Module")
+    return model
+
+
+def _verify_plugin_file(arch: str, record: dict[str, Any]) -> str:
+    """The plugin file's SHA-256; StoreError if the file is gone or not the one recorded."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise StoreError(f"model plugin {arch!r}: its file {path} is gone; restore it (the "
+                         "checkpoints need it to rebuild the model), or use a new --store")
+    now = _sha256(path)
+    if now != record["sha256"]:
+        raise StoreError(
+            f"model plugin {arch!r}: {path} changed since the model was made (sha256 "
+            f"{record['sha256'][:12]}... then, {now[:12]}... now); restore the file the store was "
+            "made with, or use a new --store"
+        )
+    return now
+
+
+def check_sources(spec: dict[str, Any]) -> None:
+    """Refuse a stored spec whose plugin file is gone or changed (before any worker starts)."""
+    if is_plugin(spec.get("arch", "")) and spec.get("plugin"):
+        _verify_plugin_file(spec["arch"], spec["plugin"])
+
+
+def check_model(spec: dict[str, Any], x: torch.Tensor, dataset: str) -> None:
+    """Build the model once and run two examples of `x` through it, in training and evaluation
+    mode, so a model that cannot take the data fails here with one line, before any job starts.
+
+    x: a few examples in the stored form [k, *input_shape]; dataset: its name, for messages.
+    """
+    arch, shape = spec["arch"], list(spec["input_shape"])
+    needs_images = arch in ("resnet18", "fastnet") or arch.startswith(TORCHVISION)
+    if needs_images and len(shape) != 3:
+        raise ConfigError(f"model.arch {arch} needs images [C, H, W], but the {dataset} data "
+                          f"holds features {shape}; use model.arch=mlp or a plugin")
+    if arch.startswith(TORCHVISION) and shape[0] != 3:
+        raise ConfigError(f"model.arch {arch} takes 3-channel images, but the {dataset} images "
+                          f"have {shape[0]} channel(s); use resnet18, fastnet, mlp or a plugin")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(spec)
+    batch = x[:2]
+    for training in (True, False):
+        model.train(training)
+        try:
+            with torch.no_grad():
+                out = model(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure means the model does not fit
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(
+                f"model.arch {arch} cannot take the {dataset} inputs {shape} "
+                f"({type(exc).__name__}: {first[:200]}); choose another model.arch"
+                + (", or a larger data.image_size" if dataset == "imagefolder" else "")
+            ) from None
+        want = [len(batch), spec["num_classes"]]
+        if not isinstance(out, torch.Tensor) or list(out.shape) != want:
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"model.arch {arch} returns {got} for a batch of {len(batch)}; "
+                              f"expected logits {want} (one per class)")
 
 
 def init_model(spec: dict[str, Any], seed: int) -> nn.Module:

@@ -69,8 +69,12 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
             r["seed_metric"]["dropped"], r["seed_metric"]["above_one"]))
         row("seed attack accuracy", lambda r: _pct(r["seed_metric"]["attack_accuracy"]))
         row("simple MIA accuracy", lambda r: _pct(r["seed_metric"]["simple_mia_accuracy"]))
-    for key, label in (("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
-                       ("forget_accuracy", "forget acc")):
+    pairs = [("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
+             ("forget_accuracy", "forget acc")]
+    if any("test_accuracy_forgotten_classes" in r["utility"] for r in reports):
+        pairs += [("test_accuracy_remaining_classes", "test acc, remaining classes"),
+                  ("test_accuracy_forgotten_classes", "test acc, forgotten classes")]
+    for key, label in pairs:
         row(f"{label} unlearned / retrained", lambda r, k=key: "{} / {}".format(
             _pct(r["utility"][k]["unlearned"]), _pct(r["utility"][k]["retrained"])))
     row("s per model unlearn / retrain", lambda r: "{} / {}".format(

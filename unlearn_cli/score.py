@@ -133,6 +133,14 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
     ):
         u, r = float(np.mean(fn(unl))), float(np.mean(fn(refs)))
         utility[name] = {"unlearned": u, "retrained": r, "ratio": _ratio(u, r)}
+    forget_cfg = exp.get("config", {}).get("data", {}).get("forget") or {}
+    if forget_cfg.get("kind") == "class":  # class unlearning: test accuracy per side
+        gone = np.isin(test_y, forget_cfg.get("classes", []))
+        for name, mask in (("test_accuracy_remaining_classes", ~gone),
+                           ("test_accuracy_forgotten_classes", gone)):
+            u, r = (float(np.mean(_accuracy(b["test_logits"][:, mask], test_y[mask])))
+                    if mask.any() else float("nan") for b in (unl, refs))
+            utility[name] = {"unlearned": u, "retrained": r, "ratio": _ratio(u, r)}
     original: dict[str, Any] = {}
     if store.is_done(ORIGINAL):
         o_arrays, _ = store.load_outputs(ORIGINAL)

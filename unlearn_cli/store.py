@@ -214,6 +214,20 @@ class Store:
                           for seed in self.done_seeds(UNLEARNED, child.name)]
         return found
 
+    def check_data(self, fingerprint: str, dataset: str, where: str) -> None:
+        """Refuse data whose content fingerprint differs from the one the store recorded.
+
+        Stores made before fingerprints were recorded have none and are not checked (their
+        split's hash, which holds the labels, still is).
+        """
+        stored = (self.read_experiment().get("data") or {}).get("fingerprint")
+        if stored is not None and stored != fingerprint:
+            raise StoreError(
+                f"store {self.root} was made from other data: the {dataset} dataset at {where} "
+                f"changed since (fingerprint {stored} then, {fingerprint} now); restore the data "
+                "the store was made from, or use a new --store"
+            )
+
     def _model_hashes(self) -> dict[tuple[str, str | None], list[ModelKey]]:
         """The stored models grouped by the (config hash, split hash) their provenance carries."""
         groups: dict[tuple[str, str | None], list[ModelKey]] = {}
@@ -274,7 +288,8 @@ class Store:
             ) from None
 
     def rebuild_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
-                           num_classes: int | None) -> int:
+                           num_classes: int | None, *, data: Mapping[str, Any] | None = None,
+                           model_spec: Mapping[str, Any] | None = None) -> int:
         """Write a lost experiment.json again, if `cfg` and `split` are what the models were
         made under (their provenance). Returns how many models vouched for it."""
         split_hash = hash_split(split)
@@ -289,25 +304,33 @@ class Store:
                 f"under this config ({cfg.identity_hash()}, split {split_hash}): {seen}; pass "
                 "the config they were made with (--config, --set), or use a new --store"
             )
-        self._write_experiment(cfg, split, split_hash, num_classes)
+        self._write_experiment(cfg, split, split_hash, num_classes, data=data,
+                               model_spec=model_spec)
         return sum(len(m) for m in groups.values())
 
     def init_experiment(self, cfg: Config, split: Mapping[str, np.ndarray],
-                        num_classes: int | None = None) -> None:
+                        num_classes: int | None = None, *,
+                        data: Mapping[str, Any] | None = None,
+                        model_spec: Mapping[str, Any] | None = None) -> None:
         """Create the experiment, or check that an existing one matches `cfg` and `split`.
 
         num_classes: the dataset's class count, recorded so that every model's outputs can be
         checked against it (stores made before it was recorded read it from the original model).
+        data: what the data was ({dataset, fingerprint, ...}, see `check_data`); model_spec: the
+        spec every model of the experiment is built from (so a plugin model is rebuilt from its
+        recorded file from any folder). Both are recorded when given.
         """
         split_hash = hash_split(split)
         if self.exists():
             self.check_compatible(cfg, split_hash=split_hash)
             self.repair_split(split)
             return
-        self._write_experiment(cfg, split, split_hash, num_classes)
+        self._write_experiment(cfg, split, split_hash, num_classes, data=data,
+                               model_spec=model_spec)
 
     def _write_experiment(self, cfg: Config, split: Mapping[str, np.ndarray], split_hash: str,
-                          num_classes: int | None) -> None:
+                          num_classes: int | None, *, data: Mapping[str, Any] | None = None,
+                          model_spec: Mapping[str, Any] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
         self._split = None
@@ -321,6 +344,10 @@ class Store:
         }
         if num_classes is not None:
             record["num_classes"] = int(num_classes)
+        if data is not None:
+            record["data"] = dict(data)
+        if model_spec is not None:
+            record["model_spec"] = dict(model_spec)
         atomic_write_json(self.experiment_file, record)
 
     def check_compatible(self, cfg: Config, *, split_hash: str | None = None) -> dict[str, Any]:

@@ -37,21 +37,50 @@ class TrainRefsResult:
     rebuilt: int = 0
 
 
-def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
-    """The experiment's split with the labels `score` needs (so scoring never loads data)."""
+def prepare_split(cfg: Config, dataset: Any = None) -> dict[str, np.ndarray]:
+    """The experiment's split with the labels `score` needs (so scoring never loads data).
+
+    dataset: the loaded `data.Dataset` (loaded here when None)."""
     from .data import load_dataset, make_split
 
-    labels = load_dataset(cfg.data).y.numpy()
-    split = make_split(labels, cfg.data)
+    if dataset is None:
+        dataset = load_dataset(cfg.data)
+    labels = dataset.y.numpy()
+    split = make_split(labels, cfg.data, test_count=dataset.test_count,
+                       num_classes=dataset.num_classes)
     for name in ("forget", "test", "retain"):
         split[f"{name}_labels"] = labels[split[name]].astype(np.int64)
     return split
 
 
-def _num_classes(cfg: Config) -> int:
-    from .data import load_dataset
+def describe(cfg: Config, dataset: Any) -> dict[str, Any]:
+    """What experiment.json records about the data: its fingerprint is checked on every run."""
+    return {"dataset": cfg.data.dataset, "fingerprint": dataset.fingerprint,
+            "num_examples": len(dataset.y), "test_count": dataset.test_count,
+            "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
 
-    return load_dataset(cfg.data).num_classes  # cached: prepare_split has just loaded it
+
+def load_checked(cfg: Config, store: Store, exp: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The dataset and the model spec, checked against the store's record (if it has one) and
+    against each other (the model takes the data), before anything is written or launched."""
+    from .data import load_dataset
+    from .models import check_model, check_sources, model_spec
+
+    dataset = load_dataset(cfg.data, str(store.root / "data"))
+    if exp:
+        store.check_data(dataset.fingerprint, cfg.data.dataset, cfg.data.root)
+    spec = exp.get("model_spec") or model_spec(cfg.model, dataset.input_shape,
+                                               dataset.num_classes, mean=dataset.mean,
+                                               std=dataset.std)
+    check_sources(spec)
+    if not exp or not store.is_done(ORIGINAL):
+        check_model(spec, dataset.x[:2], cfg.data.dataset)
+    if dataset.is_images is False and (cfg.train.crop_padding or cfg.train.flip):
+        from .errors import ConfigError
+
+        raise ConfigError(f"train.crop_padding: expected 0 and train.flip false for the "
+                          f"{cfg.data.dataset} features (crop and flip need images)")
+    return dataset, spec
 
 
 def choose_engine(cfg: Config, device: str) -> str:
@@ -77,15 +106,20 @@ def run(
     """Train what is missing. on_plan(models_to_train, models_reused) is called before launching."""
     check_num_models(num_models)
     store = Store(store_root)
-    if store.exists():
-        store.check_compatible(cfg)  # fail fast, before touching anything
-    split = prepare_split(cfg)
+    exp = store.check_compatible(cfg) if store.exists() else {}  # fail fast, touching nothing
+    dataset, spec = load_checked(cfg, store, exp)
+    split = prepare_split(cfg, dataset)
     with store.writing():
         rebuilt = 0
+        record = describe(cfg, dataset)
         if not store.exists() and store.stored_models():  # experiment.json lost: rebuild it?
-            rebuilt = store.rebuild_experiment(cfg, split, _num_classes(cfg))
-        store.init_experiment(cfg, split, num_classes=_num_classes(cfg))
+            rebuilt = store.rebuild_experiment(cfg, split, dataset.num_classes, data=record,
+                                               model_spec=spec)
+        store.init_experiment(cfg, split, num_classes=dataset.num_classes, data=record,
+                              model_spec=spec)
         store.check_identity()  # no model made under other settings joins this bank
+        if dataset.write_cache is not None:
+            dataset.write_cache()  # imagefolder: workers read the decoded images from the store
         # A model that looks done but is damaged (model.pt unreadable or missing, outputs that do
         # not fit) is forgotten here and trained again below, so that rerunning this command is
         # the fix for every damaged reference model and for a damaged original.
