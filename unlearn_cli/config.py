@@ -35,6 +35,10 @@ class DataConfig:
     test_fraction: float = 0.25
     forget_size: float = 0.1  # forget set: a count (>= 1) or a fraction of train (< 1)
     split_seed: int = 0  # seeds the train/test split and the choice of the forget set
+    # Held-out validation set for methods that distil or tune on one (`reset-distill`): a count
+    # (>= 1) or a fraction of train (< 1), taken out of train before the forget set is drawn, so
+    # neither the original nor the reference models see it; 0 = none (the split as before).
+    validation_size: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,9 @@ REFERENCE_SECTIONS = ("data", "model", "train")
 # Keys in those sections that say where data lives or how to fetch it, not what the models are:
 # moving the data folder must not make a store incompatible.
 NOT_IDENTITY = {"data": ("root", "download")}
+# Keys added after stores existed: left out of the identity while at these values, so that the
+# stores made before them keep their config hash.
+IDENTITY_UNLESS = {"data": {"validation_size": 0.0}}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,7 +116,9 @@ def identity(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for section in REFERENCE_SECTIONS:
         skip = NOT_IDENTITY.get(section, ())
-        out[section] = {k: v for k, v in config.get(section, {}).items() if k not in skip}
+        unless = IDENTITY_UNLESS.get(section, {})
+        out[section] = {k: v for k, v in config.get(section, {}).items()
+                        if k not in skip and not (k in unless and v == unless[k])}
     return out
 
 _SECTIONS = {
@@ -212,6 +221,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         "a fraction in (0, 1) or a whole count >= 1",
         d.forget_size,
     )
+    need(d.validation_size == 0 or 0 < d.validation_size < 1
+         or (d.validation_size >= 1 and float(d.validation_size).is_integer()),
+         "data.validation_size", "0 (none), a fraction in (0, 1) or a whole count >= 1",
+         d.validation_size)
     need(m.arch in ("mlp", "resnet18", "fastnet"), "model.arch",
          "one of: mlp, resnet18, fastnet", m.arch)
     need(all(h >= 1 for h in m.hidden), "model.hidden", "widths >= 1", list(m.hidden))
