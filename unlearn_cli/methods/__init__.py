@@ -28,12 +28,19 @@ from ..config import Config, build_dataclass
 from ..errors import ConfigError, MethodError
 from . import (
     bad_teacher,
+    conv_transpose,
     finetune,
+    forget_contrastive,
     l1_sparse,
+    masked_small_gradients,
     neggrad,
     neggrad_plus,
+    noisy_finetune,
+    noisy_subsets,
     none,
+    prune_reinit,
     random_label,
+    reset_distill,
     reset_head,
     retrain,
     salun,
@@ -42,7 +49,7 @@ from . import (
 )
 from .api import UnlearnData
 
-__all__ = ["REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
+__all__ = ["GROUPS", "REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Method:
     params: type | None  # frozen dataclass of hyperparameters; None for plugins (plain dict)
     summary: str
     spec: str  # what the user typed after --method
+    group: str = "baseline"  # GROUPS: how `unlearn methods` lists it
 
 
 REGISTRY: dict[str, Method] = {
@@ -87,7 +95,40 @@ REGISTRY: dict[str, Method] = {
     "ssd": Method("ssd", ssd.unlearn, ssd.Params,
                   "shrink weights that matter far more to forget than to all (SSD)",
                   "ssd"),
+    # Entries of the NeurIPS 2023 challenge (arXiv:2406.09073), in the order Deep Unlearn lists
+    # them (arXiv:2410.01276).
+    "forget-contrastive": Method(
+        "forget-contrastive", forget_contrastive.unlearn, forget_contrastive.Params,
+        "forget outputs to uniform, then contrastive rounds",
+        "forget-contrastive", "challenge"),
+    "masked-small-gradients": Method(
+        "masked-small-gradients", masked_small_gradients.unlearn, masked_small_gradients.Params,
+        "redraw the smallest-gradient weights, damp the rest",
+        "masked-small-gradients", "challenge"),
+    "noisy-finetune": Method(
+        "noisy-finetune", noisy_finetune.unlearn, noisy_finetune.Params,
+        "noised conv weights, class-balanced fine-tuning",
+        "noisy-finetune", "challenge"),
+    "prune-reinit": Method(
+        "prune-reinit", prune_reinit.unlearn, prune_reinit.Params,
+        "prune 99% of weights, redraw, match entropy, fp16",
+        "prune-reinit", "challenge"),
+    "conv-transpose": Method(
+        "conv-transpose", conv_transpose.unlearn, conv_transpose.Params,
+        "transpose conv kernels, then fine-tune on retain",
+        "conv-transpose", "challenge"),
+    "reset-distill": Method(
+        "reset-distill", reset_distill.unlearn, reset_distill.Params,
+        "reset first layer and head, distil, fine-tune",
+        "reset-distill", "challenge"),
+    "noisy-subsets": Method(
+        "noisy-subsets", noisy_subsets.unlearn, noisy_subsets.Params,
+        "reset head, train noised random layer subsets",
+        "noisy-subsets", "challenge"),
 }
+# `unlearn methods` lists the methods by group, in this order, under these titles.
+GROUPS = {"baseline": "baselines and classic methods",
+          "challenge": "NeurIPS 2023 challenge entries"}
 
 
 def is_plugin(spec: str) -> bool:
@@ -181,6 +222,10 @@ def method_params(method: Method, cfg: Config) -> Any:
         )
     problems: list[str] = []
     params = build_dataclass(method.params, raw, f"method.{method.name}", problems)
+    # Checks of a method's own (a `problems(prefix)` method on its Params), then the shared ones.
+    check = getattr(params, "problems", None)
+    if callable(check):
+        problems += check(f"method.{method.name}")
     # Ranges shared by the methods' common hyperparameters, checked here once for all of them.
     for key, low, strict in (("epochs", 1, False), ("batch_size", 1, False), ("lr", 0, True)):
         value = getattr(params, key, None)
