@@ -276,11 +276,15 @@ def score_cmd(
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the built-in unlearning methods."""
-    from .methods import REGISTRY
+    """List the built-in unlearning methods: baselines, then the challenge's entries."""
+    from .methods import GROUPS, REGISTRY
 
-    for name, m in REGISTRY.items():
-        console.print(f"[bold]{name:<12}[/bold] {m.summary}")
+    for group, title in GROUPS.items():
+        members = {name: m for name, m in REGISTRY.items() if m.group == group}
+        width = max(len(name) for name in members)
+        console.print(f"[bold]{title}[/bold]")
+        for name, m in members.items():
+            console.print(f"{name:<{width}} {m.summary}", highlight=False)
 
 
 def main() -> None:
