@@ -327,3 +327,57 @@ def test_every_entry_runs_end_to_end_from_the_cli(tmp_path):
     assert set(CHALLENGE) <= set(reports)
     for name in CHALLENGE:
         assert reports[name]["num_models"]["scored"] == 3, name
+
+
+# ------------------------------------------------------------------ conv models
+
+
+def image_data(seed: int = 0) -> UnlearnData:
+    """24 retain and 8 forget random 3x16x16 images of 10 classes (uint8, as CIFAR-10 is stored;
+    16 pixels keep the tiny conv models fast), for a tiny conv model."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (32, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    y = torch.arange(32) % 10
+    return UnlearnData(x[:8], y[:8], x[8:], y[8:], 10, valid_x=x[:8], valid_y=y[:8])
+
+
+def conv_model(arch: str) -> nn.Module:
+    spec = {"arch": arch, "hidden": [], "input_shape": [3, 16, 16], "num_classes": 10,
+            "widths": [4, 4, 4, 4] if arch == "resnet18" else [4, 4, 4],
+            "normalize": {"mean": [125.0] * 3, "std": [60.0] * 3}}
+    return init_model(spec, 0).eval()
+
+
+# Short runs: the mechanism on real conv layers, not its quality.
+SHORT = {"epochs": 1, "batch_size": 8}
+SHORT_PARAMS = {
+    "forget-contrastive": SHORT,
+    "masked-small-gradients": SHORT,
+    "noisy-finetune": {**SHORT, "epochs": 2, "layers": "all"},
+    "prune-reinit": {"epochs": 0.5, "batch_size": 8},
+    "conv-transpose": SHORT,
+    "reset-distill": {**SHORT, "warmup_epochs": 1},
+    "noisy-subsets": {**SHORT, "epochs": 2, "full_epochs": 1, "noise_free_epochs": 0},
+}
+
+
+@pytest.mark.slow  # 14 cases of about a second each
+@pytest.mark.parametrize("arch", ["resnet18", "fastnet"])
+@pytest.mark.parametrize("name", CHALLENGE)
+def test_entry_acts_on_a_conv_model_and_leaves_frozen_layers_alone(name, arch):
+    model = conv_model(arch)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    method = REGISTRY[name]
+    params = dataclasses.replace(method.params(), **SHORT_PARAMS[name])
+    out = method.fn(model, image_data(), params, device=CPU, seed=SEED)
+    after = out.state_dict()
+    assert not out.training
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if arch == "fastnet":  # the frozen whitening layer: untouched (up to prune-reinit's fp16
+        # rounding of every stored value), still frozen
+        key = next(k for k in before if k.endswith("whiten.weight"))
+        expected = before[key].half().float() if name == "prune-reinit" else before[key]
+        assert torch.equal(after[key], expected)
+        whiten = dict(out.named_parameters())[key]
+        assert not whiten.requires_grad

@@ -4,14 +4,18 @@
 loads a plugin function with the signature documented in `api.py`. A plugin's hyperparameters are
 `method.<fn>.*` in the config and reach it as a plain dict.
 
-Defaults of the built-in methods come from each paper or its authors' code for CIFAR-10
+Two groups (`Method.group`, listed apart by `unlearn methods`): baselines and classic methods
+from the literature, and the seven winning entries of the NeurIPS 2023 challenge. Defaults of the
+built-in methods come from each paper, its authors' code or the team's notebook for CIFAR-10
 ResNet-18; each file cites its source and marks what digits needed changed. The values that do
 not carry over from a ResNet to the digits MLP (mostly learning rates, which depend on the model
 and the optimizer) were calibrated once on the digits default by one rule: from a small grid, the
 value whose runs leave the forget examples as confident, on average, as the retrained models
 (mean logit-scaled confidence 5.5; the original model: 5.8), among values that keep the mean
 test accuracy within 1 point of the original's. Measured with 20 runs against 20 reference
-models; the rule looks at confidences and accuracies, never at the score F.
+models; the rule looks at confidences and accuracies, never at the score F. The challenge
+entries were calibrated with `benchmarks/calibrate_methods.py`; each of their files records the
+grid it was chosen from.
 """
 
 from __future__ import annotations
