@@ -15,7 +15,7 @@ original's output entropy, then round the weights through fp16.
 3. Rounding: every parameter and stored buffer is cast to float16 and back (`fp16_round_trip`).
 
 Layers that do not train (fastnet's data-set whitening) are neither pruned nor drawn afresh:
-nothing would repair them.
+nothing would repair them (step 3 rounds them like every stored value).
 
 Source: the fourth-placed entry of the NeurIPS 2023 Machine Unlearning Challenge (Sebastian
 Oleszko; "PRMQ: prune, retrain, mask, quantize" in its code), as re-implemented with its Kaggle
