@@ -12,8 +12,8 @@ fine-tune on retain.
    to its peak at mid-run and falling back (the entry's per-epoch schedule: lr x (e + 1) / a up
    to epoch a = (epochs + 1) // 2, then lr x (epochs - e) / (epochs + 1 - a)).
 
-The issue that asked for this method reads step 2 as picking the "most forget-specific" weights;
-the entry's code picks the smallest |g| of the combined gradient, which is what is built here.
+Step 2 is sometimes summarised as redrawing the "most forget-specific" weights; the entry's code
+redraws those with the smallest |g| of the combined gradient, which is what is built here.
 
 Adaptation: a model without convolutions (the digits MLP) has its linear layers treated as the
 conv layers (see `api.weight_layers`); their re-initialised weights are drawn from PyTorch's
