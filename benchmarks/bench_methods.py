@@ -1,13 +1,14 @@
 """Every built-in unlearning method at N = 100 on the digits default: who forgets, at what cost.
 
-Trains the original and 100 reference models once (`train_refs.run`), runs each method 100 times
-from the original (`apply.run`, the default launcher: one worker process per core), scores them
-all (`score.run`, no bootstrap) and prints one row per method: forgetting quality F, F as a share
-of the calibrated ceiling (both at N // 2 against the same halves of the references: 1 means as
-good as retraining), the final score F x retain-accuracy ratio x test-accuracy ratio, the runtime
-ratio to retraining (the challenge rejected methods over 0.2), accuracies, and the wall time of
-the method's `apply`. The ceiling itself (retrained models against retrained models) is printed
-above the table.
+Trains the original and 100 reference models once (`train_refs.run`), runs each built-in method
+(the baselines and the NeurIPS 2023 challenge entries) 100 times from the original (`apply.run`,
+the default launcher: one worker process per core), scores them all (`score.run`, no bootstrap) and
+prints one row per method: forgetting quality F, F as a share of the calibrated ceiling (both at
+N/2 against the same halves of the references: 1 means as good as retraining), the final score F x
+retain-accuracy ratio x test-accuracy ratio, the runtime ratio to retraining (the challenge
+rejected methods over 0.2), accuracies, and the wall time of the method's `apply`. The ceiling
+itself (retrained models against retrained models) is printed above the table, and the README's
+table (F, share, final, runtime ratio) below it, in Markdown.
 
     python benchmarks/bench_methods.py [--num-models 100] [--store runs/bench-methods]
 
@@ -85,12 +86,12 @@ def print_table(rows: list[dict[str, Any]], report: dict[str, Any], n: int) -> N
     print(f"reference models: forget acc {util['forget_accuracy']['retrained']:.3f}, "
           f"retain acc {util['retain_accuracy']['retrained']:.3f}, "
           f"test acc {util['test_accuracy']['retrained']:.3f}")
-    header = (f"{'method':<13} {'F':>6} {'share':>6} {'final':>6} {'runtime':>8} {'ms/run':>7} "
+    header = (f"{'method':<22} {'F':>6} {'share':>6} {'final':>6} {'runtime':>8} {'ms/run':>7} "
               f"{'forget':>7} {'retain':>7} {'test':>6} {'apply s':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['method']:<13} {r['forget_quality']:>6.3f} {r['share_of_ceiling']:>6.2f} "
+        print(f"{r['method']:<22} {r['forget_quality']:>6.3f} {r['share_of_ceiling']:>6.2f} "
               f"{r['final_score']:>6.3f} "
               f"{r['runtime_ratio']:>8.3f} {r['seconds_per_run'] * 1e3:>7.1f} "
               f"{r['forget_accuracy']:>7.3f} {r['retain_accuracy']:>7.3f} "
@@ -99,6 +100,27 @@ def print_table(rows: list[dict[str, Any]], report: dict[str, Any], n: int) -> N
           "against the same reference halves (1 = as good as retraining); final: F x retain "
           "ratio x test ratio; runtime: seconds per run / seconds to retrain one model (gate "
           "0.2); forget, retain, test: mean accuracies over the runs")
+
+
+def markdown_table(rows: list[dict[str, Any]], report: dict[str, Any], n: int) -> str:
+    """The README's table of the methods (F, share, final, runtime ratio), as Markdown."""
+    groups = {r["method"]: r.get("group", "") for r in rows}
+    lines = [f"Measured on the digits default (N = {n} reference models and {n} runs per method, "
+             f"`benchmarks/bench_methods.py`; ceiling at {report['ceiling']['num_models']} "
+             f"models per half {ceiling_value(report):.3f}; \"share\" is F at N/2 over the "
+             "ceiling at N/2):",
+             "",
+             "| method | F | share | final | runtime ratio |",
+             "|---|---|---|---|---|"]
+    previous = None
+    for r in rows:
+        if previous is not None and groups[r["method"]] != previous:
+            lines.append("| *challenge entries* | | | | |")
+        previous = groups[r["method"]]
+        lines.append(f"| {r['method']} | {r['forget_quality']:.3f} | "
+                     f"{r['share_of_ceiling']:.2f} | {r['final_score']:.3f} | "
+                     f"{r['runtime_ratio']:.3f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -133,11 +155,15 @@ def main() -> int:
         score_s = time.perf_counter() - t0
     total_s = time.perf_counter() - start
 
-    rows = [row(r, apply_s[r["method"]]) for r in reports]
+    rows = [{**row(r, apply_s[r["method"]]), "group": REGISTRY[r["method"]].group}
+            for r in reports]
     print()
     print_table(rows, reports[0], n)
-    print(f"score: {score_s:.1f} s; total wall time {total_s:.1f} s "
+    print(f"apply, all {len(methods)} methods: {sum(apply_s.values()):.1f} s; score: "
+          f"{score_s:.1f} s; total wall time {total_s:.1f} s "
           f"({os.cpu_count()} CPUs, {platform.machine()})")
+    print()
+    print(markdown_table(rows, reports[0], n))
 
     out = os.environ.get("UNLEARN_BENCH_OUT")
     if out:

@@ -177,9 +177,11 @@ def _method_data(ctx: Any) -> Any:
 
     forget_x, forget_y = ctx.subset("forget")
     retain_x, retain_y = ctx.subset("retain")
+    valid_x, valid_y = ctx.subset("valid") if "valid" in ctx.split else (None, None)
     # The spec and recipe of the reference models: `retrain` (the oracle) rebuilds them exactly.
     return UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes,
-                       model_spec=ctx.spec, train_recipe=recipe(ctx.cfg.train))
+                       model_spec=ctx.spec, train_recipe=recipe(ctx.cfg.train),
+                       valid_x=valid_x, valid_y=valid_y)
 
 
 def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:

@@ -328,11 +328,15 @@ def score_cmd(
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the built-in unlearning methods."""
-    from .methods import REGISTRY  # names and summaries only: no method module is imported
+    """List the built-in unlearning methods: baselines, then the challenge's entries."""
+    from .methods import GROUPS, REGISTRY  # names and summaries only: no method is imported
 
-    for name, m in REGISTRY.items():
-        typer.echo(f"{typer.style(f'{name:<12}', bold=True)} {m.summary}")
+    for group, title in GROUPS.items():
+        members = {name: m for name, m in REGISTRY.items() if m.group == group}
+        width = max(len(name) for name in members)
+        typer.echo(typer.style(title, bold=True))
+        for name, m in members.items():
+            typer.echo(f"{name:<{width}} {m.summary}")
 
 
 configs_app = typer.Typer(help="The configs that ship with unlearn: list them, or print one to "

@@ -62,6 +62,10 @@ class DataConfig:
     split_seed: int = 0  # seeds the train/test split and the choice of the forget set
     image_size: int = 32  # imagefolder: images are resized (and centre-cropped) to this, pixels
     forget: ForgetConfig = ForgetConfig()  # the long form; overrides forget_size when set
+    # Held-out validation set for methods that distil or tune on one (`reset-distill`): a count
+    # (>= 1) or a fraction of train (< 1), taken out of train before the forget set is drawn, so
+    # neither the original nor the reference models see it; 0 = none (the split as before).
+    validation_size: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +154,8 @@ FIRST_KEYS = {
 }
 ADDED_LATER: dict[str, dict[str, Any]] = {
     "data": {"download": False, "image_size": 32,
-             "forget": {"kind": "", "size": 0.0, "classes": [], "file": ""}},
+             "forget": {"kind": "", "size": 0.0, "classes": [], "file": ""},
+             "validation_size": 0.0},
     "model": {"widths": []},
     "train": {"nesterov": True, "schedule": "cosine", "label_smoothing": 0.0, "drop_last": False,
               "crop_padding": 0, "flip": False, "precision": "fp32", "channels_last": False,
@@ -306,6 +311,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(m.arch in BUILTIN_ARCHS or ":" in m.arch, "model.arch",
          f"one of: {', '.join(BUILTIN_ARCHS)}, torchvision:NAME, or a plugin path/to/file.py:fn "
          "or pkg.module:fn", m.arch)
+    need(d.validation_size == 0 or 0 < d.validation_size < 1
+         or (d.validation_size >= 1 and float(d.validation_size).is_integer()),
+         "data.validation_size", "0 (none), a fraction in (0, 1) or a whole count >= 1",
+         d.validation_size)
     need(all(h >= 1 for h in m.hidden), "model.hidden", "widths >= 1", list(m.hidden))
     stages = {"mlp": 0, "resnet18": 4, "fastnet": 3}.get(m.arch, 0)
     need(len(m.widths) in ((0, stages) if stages else (0,)) and all(w >= 1 for w in m.widths),

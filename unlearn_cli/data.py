@@ -217,10 +217,11 @@ def make_split(labels: np.ndarray, cfg: DataConfig, *, test_count: int | None = 
     """The train/test split, then the forget set inside train (see the module's docstring).
 
     Train/test is the dataset's fixed split where it has one (the last `test_count` examples are the
-    test set), else a seeded stratified split by `cfg.test_fraction` (digits). labels: int
-    [num_examples]; test_count and num_classes default to the loaded dataset's. Returns int64
-    index arrays `train`, `test`, `forget`, `retain` (each sorted; forget and retain partition
-    train).
+    test set), else a seeded stratified split by `cfg.test_fraction` (digits). With
+    `cfg.validation_size` > 0 a validation set is first taken out of train
+    (`_hold_out_validation`). labels: int [num_examples]; test_count and num_classes default to the
+    loaded dataset's. Returns int64 index arrays `train`, `test`, `forget`, `retain` (each sorted;
+    forget and retain partition train) and, only when asked for, `valid`.
     """
     labels = np.asarray(labels)
     fixed = fixed_test_count(cfg) if test_count is None else test_count
@@ -228,6 +229,9 @@ def make_split(labels: np.ndarray, cfg: DataConfig, *, test_count: int | None = 
         train, test = np.arange(len(labels) - fixed), np.arange(len(labels) - fixed, len(labels))
     else:
         train, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    valid = None
+    if cfg.validation_size > 0:
+        train, valid = _hold_out_validation(train, cfg)
     kind = cfg.forget.kind or "random"
     if kind == "random":
         forget = _random_forget(train, cfg)
@@ -243,12 +247,15 @@ def make_split(labels: np.ndarray, cfg: DataConfig, *, test_count: int | None = 
             "examples, which leaves no retain set to train reference models on; forget fewer"
         )
     retain = np.setdiff1d(train, forget)
-    return {
+    split = {
         "train": train.astype(np.int64),
         "test": test.astype(np.int64),
         "forget": forget.astype(np.int64),
         "retain": retain.astype(np.int64),
     }
+    if valid is not None:  # absent otherwise: the split (and its hash) stay as they were
+        split["valid"] = valid.astype(np.int64)
+    return split
 
 
 def _describe(cfg: DataConfig) -> str:
@@ -348,3 +355,22 @@ def _indices_forget(train: np.ndarray, path_text: str) -> np.ndarray:
                         f"{len(train)} training examples, in the order the dataset's reader "
                         "yields them")
     return np.sort(train[idx])
+
+
+def _hold_out_validation(train: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train without the validation set, the validation set), both sorted index arrays.
+
+    Drawn uniformly from train with its own random stream (split_seed, 1), before the forget set
+    is drawn from what remains.
+    """
+    size = cfg.validation_size
+    count = int(round(size * len(train))) if size < 1 else int(size)
+    if not 1 <= count <= len(train) - 2:
+        raise DataError(
+            f"data.validation_size={size} gives {count} validation examples out of {len(train)} "
+            f"training examples; expected between 1 and {len(train) - 2} (train must keep a "
+            "forget and a retain example): change --set data.validation_size"
+        )
+    rng = np.random.default_rng([cfg.split_seed, 1])
+    valid = np.sort(rng.choice(train, size=count, replace=False))
+    return np.setdiff1d(train, valid), valid

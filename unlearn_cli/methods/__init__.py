@@ -4,14 +4,18 @@
 loads a plugin function with the signature documented in `api.py`. A plugin's hyperparameters are
 `method.<fn>.*` in the config and reach it as a plain dict.
 
-Defaults of the built-in methods come from each paper or its authors' code for CIFAR-10
+Two groups (`Method.group`, listed apart by `unlearn methods`): baselines and classic methods
+from the literature, and the seven winning entries of the NeurIPS 2023 challenge. Defaults of the
+built-in methods come from each paper, its authors' code or the team's notebook for CIFAR-10
 ResNet-18; each file cites its source and marks what digits needed changed. The values that do
 not carry over from a ResNet to the digits MLP (mostly learning rates, which depend on the model
 and the optimizer) were calibrated once on the digits default by one rule: from a small grid, the
 value whose runs leave the forget examples as confident, on average, as the retrained models
 (mean logit-scaled confidence 5.5; the original model: 5.8), among values that keep the mean
 test accuracy within 1 point of the original's. Measured with 20 runs against 20 reference
-models; the rule looks at confidences and accuracies, never at the score F.
+models; the rule looks at confidences and accuracies, never at the score F. The challenge
+entries were calibrated with `benchmarks/calibrate_methods.py`; each of their files records the
+grid it was chosen from.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 from ..config import Config, build_dataclass
 from ..errors import ConfigError, MethodError
 
-__all__ = ["REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
+__all__ = ["GROUPS", "REGISTRY", "Method", "UnlearnData", "resolve", "method_params"]
 
 
 def __getattr__(name: str) -> Any:
@@ -60,6 +64,7 @@ class Method:
     #                                None for plugins (plain dict)
     summary: str
     spec: str  # what the user typed after --method
+    group: str = "baseline"  # GROUPS: how `unlearn methods` lists it
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -105,7 +110,41 @@ REGISTRY: dict[str, Method] = {
     "ssd": Method("ssd", ".ssd:unlearn", ".ssd:Params",
                   "shrink weights that matter far more to forget than to all (SSD)",
                   "ssd"),
+    # Entries of the NeurIPS 2023 challenge (arXiv:2406.09073), in the order Deep Unlearn lists
+    # them (arXiv:2410.01276).
+    "forget-contrastive": Method(
+        "forget-contrastive", ".forget_contrastive:unlearn", ".forget_contrastive:Params",
+        "forget outputs to uniform, then contrastive rounds",
+        "forget-contrastive", "challenge"),
+    "masked-small-gradients": Method(
+        "masked-small-gradients", ".masked_small_gradients:unlearn",
+        ".masked_small_gradients:Params",
+        "redraw the smallest-gradient weights, damp the rest",
+        "masked-small-gradients", "challenge"),
+    "noisy-finetune": Method(
+        "noisy-finetune", ".noisy_finetune:unlearn", ".noisy_finetune:Params",
+        "noised conv weights, class-balanced fine-tuning",
+        "noisy-finetune", "challenge"),
+    "prune-reinit": Method(
+        "prune-reinit", ".prune_reinit:unlearn", ".prune_reinit:Params",
+        "prune 99% of weights, redraw, match entropy, fp16",
+        "prune-reinit", "challenge"),
+    "conv-transpose": Method(
+        "conv-transpose", ".conv_transpose:unlearn", ".conv_transpose:Params",
+        "transpose conv kernels, then fine-tune on retain",
+        "conv-transpose", "challenge"),
+    "reset-distill": Method(
+        "reset-distill", ".reset_distill:unlearn", ".reset_distill:Params",
+        "reset first layer and head, distil, fine-tune",
+        "reset-distill", "challenge"),
+    "noisy-subsets": Method(
+        "noisy-subsets", ".noisy_subsets:unlearn", ".noisy_subsets:Params",
+        "reset head, train noised random layer subsets",
+        "noisy-subsets", "challenge"),
 }
+# `unlearn methods` lists the methods by group, in this order, under these titles.
+GROUPS = {"baseline": "baselines and classic methods",
+          "challenge": "NeurIPS 2023 challenge entries"}
 
 
 class Interrupts:
@@ -261,6 +300,10 @@ def method_params(method: Method, cfg: Config) -> Any:
         )
     problems: list[str] = []
     params = build_dataclass(method.params, raw, f"method.{method.name}", problems)
+    # Checks of a method's own (a `problems(prefix)` method on its Params), then the shared ones.
+    check = getattr(params, "problems", None)
+    if callable(check):
+        problems += check(f"method.{method.name}")
     # Ranges shared by the methods' common hyperparameters, checked here once for all of them.
     for key, low, strict in (("epochs", 1, False), ("batch_size", 1, False), ("lr", 0, True)):
         value = getattr(params, key, None)

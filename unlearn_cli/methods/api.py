@@ -10,18 +10,20 @@
 - device: a `torch.device`; seed: an int that must decide all of the method's randomness.
 
 Below it, small helpers the built-in methods share: `child_seed` (independent random streams of a
-run), `reinitialise` (fresh weights from a seed) and `logits` (outputs without gradients, in
-chunks).
+run), `reinitialise` (fresh weights from a seed), `logits` (outputs without gradients, in
+chunks), `batches` (one shuffled pass of index batches), `weight_layers` (the conv layers, or the
+linear ones on a model without convolutions) and `train_pass` (one pass of plain SGD steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +40,24 @@ class UnlearnData:
     # recipe).
     model_spec: Mapping[str, Any] | None = None
     train_recipe: Mapping[str, Any] | None = None
+    # The held-out validation set (`data.validation_size` > 0): examples of neither forget nor
+    # retain, never seen by the original or the reference models. None when the experiment has
+    # none (the default).
+    valid_x: torch.Tensor | None = None  # [V, *input_shape]
+    valid_y: torch.Tensor | None = None  # [V] int64
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if split not in ("forget", "retain"):
-            raise ValueError(f"split must be 'forget' or 'retain', got {split!r}")
+        if split not in ("forget", "retain", "valid"):
+            raise ValueError(f"split must be 'forget', 'retain' or 'valid', got {split!r}")
+        if split == "valid" and self.valid_x is None:
+            raise ValueError("this experiment has no validation set (data.validation_size = 0)")
         return getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
 
     def loader(
         self, split: str, batch_size: int, *, seed: int, shuffle: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass over `split` ("forget" or "retain") in batches, in an order fixed by `seed`."""
+        """One pass over `split` ("forget", "retain" or "valid") in batches, in an order fixed by
+        `seed`."""
         x, y = self.tensors(split)
         n = len(y)
         if shuffle:
@@ -95,3 +105,48 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> t
     examples per forward pass (a whole CIFAR-10 retain set at once would not fit in memory)."""
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device
+            ) -> Iterator[torch.Tensor]:
+    """One pass over range(n) as index batches [<= batch_size] on `device`, shuffled by
+    `generator` (drawn on the CPU, so the order does not depend on the device)."""
+    order = torch.randperm(n, generator=generator).to(device)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def weight_layers(model: torch.nn.Module, *, trainable_only: bool = True
+                  ) -> tuple[list[torch.nn.Module], str]:
+    """The layers whose weights the challenge entries act on, and their kind ("conv"/"linear").
+
+    Those entries were written for ResNet-18 and act on its convolutions. A model without any
+    (the digits MLP) gets its linear layers instead: each is a convolution whose kernel covers
+    its whole input. Layers whose weight does not train (fastnet's data-set whitening) are left
+    out unless `trainable_only` is False: nothing could repair them afterwards.
+    """
+    def keep(m: torch.nn.Module) -> bool:
+        return not trainable_only or m.weight.requires_grad
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and keep(m)]
+    if convs:
+        return convs, "conv"
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and keep(m)], "linear"
+
+
+def train_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: Any, *,
+               batch_size: int, generator: torch.Generator,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+               | None = None) -> None:
+    """One shuffled pass over (x [n, ...], y [n]) of `opt` steps (the optimizer's lr as it is).
+
+    `loss_fn(outputs, yb, idx)` replaces the cross-entropy; `idx` are the batch's rows of x, for
+    losses that look up per-example targets. The model is left in train mode.
+    """
+    model.train()
+    for idx in batches(len(y), batch_size, generator, x.device):
+        out = model(x[idx])
+        loss = F.cross_entropy(out, y[idx]) if loss_fn is None else loss_fn(out, y[idx], idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
