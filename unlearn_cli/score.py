@@ -20,7 +20,7 @@ from .store import ORIGINAL, REFERENCE, UNLEARNED, Store, now, versions
 
 SCHEMA = "unlearn.report/1"
 RUNTIME_GATE = 0.2  # the challenge rejected methods slower than ~20% of retraining
-METRICS = ("official", "seed", "all")
+METRICS = ("official", "seed", "seed-converged", "all")
 MIN_MODELS = 3  # per bank: below this the buckets of H are empty (ceil(ln(N - 1)) = 0)
 
 
@@ -177,7 +177,10 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
             "score": part["score"].tolist(),
         }
     if metric in ("seed", "all"):
-        report["seed_metric"] = seed_part(unl, refs, forget_y, test_y)
+        report["seed_metric"] = seed_part(unl, refs, forget_y, test_y,
+                                          workers=_seed_workers(exp))
+    if metric in ("seed-converged", "all"):
+        report["seed_converged"] = seed_part(unl, refs, forget_y, test_y, converged=True)
     report["utility"] = utility
     report["original"] = original
     report["runtime"] = {
@@ -195,29 +198,35 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
 
 
 def seed_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
-              test_y: np.ndarray) -> dict[str, Any]:
-    """The seed's learned-attack variant and the starting kit's simple MIA (spec sections 2-3)."""
+              test_y: np.ndarray, *, converged: bool = False, workers: int | None = None
+              ) -> dict[str, Any]:
+    """The seed's learned-attack variant (spec section 2), as the seed fits it or converged, and
+    the starting kit's simple MIA (section 3), on float64 cross-entropy of the stored logits."""
     from . import attacks
 
-    def losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Cross-entropy per model and example: logits [N, K, C], labels [K] -> [N, K]."""
-        z = logits.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=-1))
-        true = np.take_along_axis(z, labels[None, :, None].repeat(z.shape[0], 0), -1)[..., 0]
-        return log_norm - true
-
-    u_forget = losses(unl["forget_logits"], forget_y)
-    r_forget = losses(refs["forget_logits"], forget_y)
-    seed = attacks.seed_scores(u_forget, r_forget)
-    mia = attacks.simple_mia(u_forget, losses(unl["test_logits"], test_y))
+    u_forget = attacks.cross_entropy_losses(unl["forget_logits"], forget_y)
+    r_forget = attacks.cross_entropy_losses(refs["forget_logits"], forget_y)
+    if converged:
+        result = attacks.seed_converged_scores(u_forget, r_forget)
+    else:
+        result = attacks.seed_scores(u_forget, r_forget, workers=workers)
+    mia = attacks.simple_mia(u_forget, attacks.cross_entropy_losses(unl["test_logits"], test_y))
     return {
-        "score": float(seed.score),
-        "dropped": int(seed.dropped),
-        "above_one": int(seed.above_one),
-        "attack_accuracy": float(seed.attack_accuracy),
+        "variant": result.variant,
+        "score": float(result.score),
+        "dropped": int(result.dropped),
+        "above_one": int(result.above_one),
+        "attack_accuracy": float(result.attack_accuracy),
         "simple_mia_accuracy": float(mia),
+        "per_example": {"score": result.per_example.tolist(),
+                        "attack_accuracy": result.per_example_accuracy.tolist()},
     }
+
+
+def _seed_workers(exp: dict[str, Any]) -> int | None:
+    """Processes for the seed metric's fits: the stored launch.workers, None (one per core) if 0."""
+    workers = exp.get("config", {}).get("launch", {}).get("workers", 0)
+    return int(workers) if isinstance(workers, int) and workers > 0 else None
 
 
 def reading(ceiling: dict[str, Any]) -> str:
@@ -258,6 +267,12 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
                 f"store {store.root} holds no unlearning runs yet; run `unlearn apply --method "
                 f"finetune --store {store.root}` first"
             )
+    if metric in ("seed", "all"):
+        from . import attacks
+
+        if len(store.load_split()["forget"]) >= attacks.PARALLEL_MIN_EXAMPLES:
+            # Helper processes import scikit-learn while the banks are read and scored.
+            attacks.start_seed_helpers(_seed_workers(store.read_experiment()))
     # The reference bank is the same for every method: read its outputs once.
     references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
     return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
