@@ -5,6 +5,8 @@ Run: python benchmarks/bench_attacks.py
   on the project's 2-core machines, spread over the cores. Timed cold (the first call of a
   process, helper processes starting, as in `unlearn score`) and warm (median of repeats).
 - `seed_converged_scores` (batched Newton): <= 0.3 s (performance.md, Scoring).
+- `held_out_lira` and `klom_per_example` (issue 14): <= 0.5 s each on the same sizes, beside a
+  straightforward per-example loop (timed on a subset, extrapolated per example).
 The notebook's loop (cross_val_score twice per example, 4 fits) is timed on a subset and
 extrapolated per example, since its full loop takes tens of seconds. If UNLEARN_BENCH_OUT names a
 folder, the numbers are also written to attacks_seed.json there. Exits 0 even when a target fails.
@@ -37,6 +39,8 @@ REPEATS = 5  # seed_converged_scores timings; the median is reported
 FAITHFUL_REPEATS = 3  # warm seed_scores timings after the cold one
 TARGET_S = 5.0  # seconds for seed_scores on NUM_EXAMPLES x (NUM_MODELS + NUM_MODELS)
 CONVERGED_TARGET_S = 0.3  # seconds for seed_converged_scores on the same
+SECOND_OPINION_TARGET_S = 0.5  # seconds for held_out_lira and for klom_per_example, each
+LOOP_SUBSET = 50  # examples run through the per-example loops, extrapolated
 DATA_SEED = 0
 DELTA = 1e-6
 
@@ -90,6 +94,103 @@ def seed_loop_with_sklearn(unlearned: np.ndarray, retrained: np.ndarray) -> np.n
             cross_val_score(LogisticRegression(), x, labels, cv=2, scoring="accuracy")
             scores.append(np.nanmean(per_fold))
     return np.array(scores)
+
+
+def lira_loop(unlearned: np.ndarray, retrained: np.ndarray, null_draws: int) -> float:
+    """Seconds per example of a per-example held-out LiRA (k folds with scipy.stats, TPR at 1%
+    and 5% FPR, the Monte-Carlo p-value): the straightforward way, no vectorisation."""
+    from scipy.stats import norm
+
+    from unlearn_cli.second_opinions import LIRA_FOLDS
+
+    num_models = unlearned.shape[0]
+    rng = np.random.default_rng(0)
+    parts_u = np.array_split(rng.permutation(num_models), LIRA_FOLDS)
+    parts_r = np.array_split(rng.permutation(num_models), LIRA_FOLDS)
+
+    def one(u: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        llr_u, llr_r = np.empty(num_models), np.empty(num_models)
+        for held_u, held_r in zip(parts_u, parts_r, strict=True):
+            fit_u, fit_r = np.delete(u, held_u), np.delete(r, held_r)
+            sd_u = max(np.std(fit_u, ddof=1), 1e-6)
+            sd_r = max(np.std(fit_r, ddof=1), 1e-6)
+            for x, held, out in ((u, held_u, llr_u), (r, held_r, llr_r)):
+                out[held] = norm.logpdf(x[held], fit_u.mean(), sd_u) - norm.logpdf(
+                    x[held], fit_r.mean(), sd_r
+                )
+        return llr_u, llr_r
+
+    start = time.perf_counter()
+    null_rng = np.random.default_rng(1)
+    null = []
+    subset = LOOP_SUBSET
+    for _ in range(subset):  # the null: the same work per simulated example
+        a, b = one(null_rng.standard_normal(num_models), null_rng.standard_normal(num_models))
+        null.append(np.sum(a > 0) + np.sum(b <= 0))
+    null = np.sort(null)
+    for e in range(subset):
+        llr_u, llr_r = one(unlearned[:, e], retrained[:, e])
+        correct = np.sum(llr_u > 0) + np.sum(llr_r <= 0)
+        _ = (1 + np.sum(null >= correct)) / (1 + null.size)
+        for fpr in (0.01, 0.05):
+            threshold = np.sort(llr_r)[::-1][int(fpr * num_models)]
+            _ = np.mean(llr_u > threshold)
+    return (time.perf_counter() - start) / (2 * subset)
+
+
+def klom_loop(unlearned: np.ndarray, retrained: np.ndarray) -> float:
+    """Seconds per example of KLOM the bench's way: per example np.linspace, np.histogram and
+    scipy.stats.entropy."""
+    from scipy.stats import entropy
+
+    start = time.perf_counter()
+    for e in range(LOOP_SUBSET):
+        p, q = np.clip(unlearned[:, e], -100, 100), np.clip(retrained[:, e], -100, 100)
+        low, high = min(p.min(), q.min()), max(p.max(), q.max())
+        edges = np.linspace(low, high if high > low else low + 1, 21)
+        p_prob = np.histogram(p, edges)[0] / p.size
+        q_prob = np.histogram(q, edges)[0] / q.size
+        entropy(pk=p_prob, qk=np.where(p_prob > 0, np.maximum(q_prob, 1e-5), q_prob))
+    return (time.perf_counter() - start) / LOOP_SUBSET
+
+
+def second_opinions(rng: np.random.Generator) -> dict:
+    """Time held_out_lira and klom_per_example on NUM_EXAMPLES x (NUM_MODELS + NUM_MODELS)."""
+    from unlearn_cli.second_opinions import LIRA_NULL_DRAWS, held_out_lira, klom_per_example
+
+    # Confidences / margins of confident models: per-example level, some examples shifted.
+    level = rng.uniform(2.0, 8.0, size=NUM_EXAMPLES)
+    shift = np.where(rng.random(NUM_EXAMPLES) < 0.5, 0.0, 0.8)
+    retrained = level + rng.standard_normal((NUM_MODELS, NUM_EXAMPLES))
+    unlearned = level + shift + rng.standard_normal((NUM_MODELS, NUM_EXAMPLES))
+    out = {}
+    for name, run, loop, loop_examples in (
+        ("lira", lambda: held_out_lira(unlearned, retrained),
+         lambda: lira_loop(unlearned, retrained, LIRA_NULL_DRAWS),
+         NUM_EXAMPLES + LIRA_NULL_DRAWS),
+        ("klom", lambda: klom_per_example(unlearned, retrained),
+         lambda: klom_loop(unlearned, retrained), NUM_EXAMPLES),
+    ):
+        run()  # warm-up
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        ours = float(np.median(times))
+        per_example = loop()
+        loop_s = per_example * loop_examples
+        out[name] = {"seconds": ours, "runs_s": times, "loop_per_example_s": per_example,
+                     "loop_extrapolated_s": loop_s, "ratio": loop_s / ours,
+                     "passed": ours <= SECOND_OPINION_TARGET_S}
+        extra = f" (+ {LIRA_NULL_DRAWS} simulated null examples)" if name == "lira" else ""
+        print(
+            f"  {name}: {ours:.3f} s (median of {REPEATS}); per-example loop "
+            f"{1e3 * per_example:.2f} ms per example, {loop_s:.1f} s extrapolated to "
+            f"{NUM_EXAMPLES} examples{extra}: {loop_s / ours:.0f}x; target <= "
+            f"{SECOND_OPINION_TARGET_S} s: {'PASS' if ours <= SECOND_OPINION_TARGET_S else 'FAIL'}"
+        )
+    return out
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -186,6 +287,10 @@ def main() -> int:
           f"seed_converged_scores <= {CONVERGED_TARGET_S} s: "
           f"{'PASS' if converged_passed else 'FAIL'}")
 
+    print(f"second opinions, {NUM_EXAMPLES} forget examples x ({NUM_MODELS} + {NUM_MODELS}) "
+          "models")
+    opinions = second_opinions(rng)
+
     out = os.environ.get("UNLEARN_BENCH_OUT")
     if out:
         path = Path(out) / "attacks_seed.json"
@@ -223,6 +328,8 @@ def main() -> int:
                 "passed": passed,
                 "converged_target_s": CONVERGED_TARGET_S,
                 "converged_passed": converged_passed,
+                "second_opinions": opinions,
+                "second_opinion_target_s": SECOND_OPINION_TARGET_S,
                 "versions": {
                     "python": platform.python_version(),
                     "numpy": np.__version__,

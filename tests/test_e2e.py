@@ -53,7 +53,7 @@ def test_report_fields(trained_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "finetune" in result.output and "none" in result.output  # side by side
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "unlearn.report/1"
+    assert doc["schema"] == "unlearn.report/2"
     by_name = {r["method"]: r for r in doc["methods"]}
     rep = by_name["finetune"]
     for key in ("forget_quality", "final_score", "config", "versions", "reading"):
@@ -184,6 +184,7 @@ def test_metric_all_adds_the_seed_variant_and_the_simple_mia(trained_store):
     assert set(seed) == {"variant", "score", "dropped", "above_one", "attack_accuracy",
                          "simple_mia_accuracy", "per_example"}
     assert seed["variant"] == "seed" and rep["seed_converged"]["variant"] == "seed-converged"
+    assert 0.0 <= rep["lira"]["balanced_accuracy"] <= 1.0 and rep["klom"]["forget"]["p95"] >= 0
     assert len(seed["per_example"]["score"]) == rep["num_forget_examples"]
     assert 0.0 <= seed["attack_accuracy"] <= 1.0 and 0.0 <= seed["simple_mia_accuracy"] <= 1.0
     assert 0 <= seed["dropped"] <= rep["num_forget_examples"]

@@ -254,7 +254,7 @@ def score_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report here.",
                                                 show_default=False)] = None,
     metric: Annotated[str, typer.Option(
-        "--metric", help="official | seed | seed-converged | all")] = "official",
+        "--metric", help="official | seed | seed-converged | lira | klom | all")] = "official",
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
     config: ConfigOpt = None,

@@ -72,6 +72,16 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
     if any("seed_metric" in r or "seed_converged" in r for r in reports):
         row("simple MIA accuracy", lambda r: _pct(
             (r.get("seed_metric") or r["seed_converged"])["simple_mia_accuracy"]))
+    if any("lira" in r for r in reports):
+        row("LiRA held-out accuracy (0.5 ideal)", lambda r: _fmt(r["lira"]["balanced_accuracy"]))
+        row("LiRA TPR at 1% / 5% FPR", lambda r: "{} / {}".format(
+            _fmt(r["lira"]["tpr_at_1pct_fpr"]), _fmt(r["lira"]["tpr_at_5pct_fpr"])))
+        row("LiRA examples beating chance", lambda r: "{} (~{} by chance)".format(
+            _pct(r["lira"]["share_beating_chance"]), _pct(r["lira"]["alpha"])))
+    if any("klom" in r for r in reports):
+        for part in ("forget", "test"):
+            row(f"KLOM {part} p95 / mean (0 ideal)", lambda r, p=part: "{} / {}".format(
+                _fmt(r["klom"][p]["p95"]), _fmt(r["klom"][p]["mean"])))
     for key, label in (("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
                        ("forget_accuracy", "forget acc")):
         row(f"{label} unlearned / retrained", lambda r, k=key: "{} / {}".format(

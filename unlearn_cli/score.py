@@ -18,9 +18,9 @@ from . import metrics
 from .errors import StoreError, UnlearnError
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store, now, versions
 
-SCHEMA = "unlearn.report/1"
+SCHEMA = "unlearn.report/2"  # 2: seed_converged, lira, klom; seed_metric.variant/per_example
 RUNTIME_GATE = 0.2  # the challenge rejected methods slower than ~20% of retraining
-METRICS = ("official", "seed", "seed-converged", "all")
+METRICS = ("official", "seed", "seed-converged", "lira", "klom", "all")
 MIN_MODELS = 3  # per bank: below this the buckets of H are empty (ceil(ln(N - 1)) = 0)
 
 
@@ -124,7 +124,8 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
         return flat.reshape(logits.shape[0], logits.shape[1])  # [N, E]
 
     for name, bank, seeds in (("reference models", refs, ref_seeds), (method, unl, unl_seeds)):
-        bad = [s for s, lg in zip(seeds, bank["forget_logits"]) if not np.isfinite(lg).all()]
+        bad = [s for s, lg, tl in zip(seeds, bank["forget_logits"], bank["test_logits"])
+               if not (np.isfinite(lg).all() and np.isfinite(tl).all())]
         if bad:
             raise StoreError(
                 f"{name} in store {store.root}: the outputs of seed(s) {bad[:5]} are not finite "
@@ -181,6 +182,10 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
                                           workers=_seed_workers(exp))
     if metric in ("seed-converged", "all"):
         report["seed_converged"] = seed_part(unl, refs, forget_y, test_y, converged=True)
+    if metric in ("lira", "all"):
+        report["lira"] = lira_part(u_conf, r_conf, seed=seed)
+    if metric in ("klom", "all"):
+        report["klom"] = klom_part(unl, refs, forget_y, test_y)
     report["utility"] = utility
     report["original"] = original
     report["runtime"] = {
@@ -206,11 +211,18 @@ def seed_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
 
     u_forget = attacks.cross_entropy_losses(unl["forget_logits"], forget_y)
     r_forget = attacks.cross_entropy_losses(refs["forget_logits"], forget_y)
-    if converged:
-        result = attacks.seed_converged_scores(u_forget, r_forget)
-    else:
-        result = attacks.seed_scores(u_forget, r_forget, workers=workers)
-    mia = attacks.simple_mia(u_forget, attacks.cross_entropy_losses(unl["test_logits"], test_y))
+    try:
+        if converged:
+            result = attacks.seed_converged_scores(u_forget, r_forget)
+        else:
+            result = attacks.seed_scores(u_forget, r_forget, workers=workers)
+        mia = attacks.simple_mia(u_forget,
+                                 attacks.cross_entropy_losses(unl["test_logits"], test_y))
+    except ValueError as error:  # too few models or examples for these attacks
+        name = "seed-converged" if converged else "seed"
+        raise StoreError(f"--metric {name} cannot score this store: {error}; train more models "
+                         "(unlearn train-refs --num-models N, then unlearn apply) or use "
+                         "--metric official, lira or klom") from error
     return {
         "variant": result.variant,
         "score": float(result.score),
@@ -220,6 +232,43 @@ def seed_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
         "simple_mia_accuracy": float(mia),
         "per_example": {"score": result.per_example.tolist(),
                         "attack_accuracy": result.per_example_accuracy.tolist()},
+    }
+
+
+def lira_part(u_conf: np.ndarray, r_conf: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """The held-out likelihood-ratio attack on the forget set's confidences [N, E] (README)."""
+    from . import second_opinions
+
+    lira = second_opinions.held_out_lira(u_conf, r_conf, seed=seed)
+    tpr = dict(zip(("tpr_at_1pct_fpr", "tpr_at_5pct_fpr"), lira.mean_tpr_at_fpr, strict=True))
+    return {
+        "balanced_accuracy": lira.mean_balanced_accuracy,
+        **tpr,
+        "share_beating_chance": lira.share_beating_chance,
+        "alpha": lira.alpha, "folds": lira.folds, "seed": lira.seed,
+        "per_example": {
+            "balanced_accuracy": lira.balanced_accuracy.tolist(),
+            "tpr_at_1pct_fpr": lira.tpr_at_fpr[0].tolist(),
+            "tpr_at_5pct_fpr": lira.tpr_at_fpr[1].tolist(),
+            "p_value": lira.p_value.tolist(),
+        },
+    }
+
+
+def klom_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
+              test_y: np.ndarray) -> dict[str, Any]:
+    """KLOM of the margins on the forget set and on the test set (README)."""
+    from . import second_opinions as so
+
+    result = so.klom(so.margins(unl["forget_logits"], forget_y),
+                     so.margins(refs["forget_logits"], forget_y),
+                     so.margins(unl["test_logits"], test_y),
+                     so.margins(refs["test_logits"], test_y))
+    return {
+        "forget": {"p95": result.forget_p95, "mean": result.forget_mean},
+        "test": {"p95": result.test_p95, "mean": result.test_mean},
+        "bins": so.KLOM_BINS, "eps": so.KLOM_EPS, "clip": so.KLOM_CLIP,
+        "per_example": {"forget": result.forget.tolist()},
     }
 
 
