@@ -167,7 +167,7 @@ def test_score_writes_the_report(store_copy, tmp_path):
     assert result.exit_code == 0, out
     assert "forget quality F" in out and "ceiling" in out
     report = json.loads(out_path.read_text())
-    assert report["schema"] == "unlearn.report/1" and report["method"] == "none"
+    assert report["schema"] == "unlearn.report/2" and report["method"] == "none"
     assert report["forget_quality"] == 0.0
 
 

@@ -54,7 +54,7 @@ def test_report_fields(trained_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert "finetune" in result.output and "none" in result.output  # side by side
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "unlearn.report/1"
+    assert doc["schema"] == "unlearn.report/2"
     by_name = {r["method"]: r for r in doc["methods"]}
     rep = by_name["finetune"]
     for key in ("forget_quality", "final_score", "config", "versions", "reading"):
@@ -214,12 +214,18 @@ def test_the_readme_plugin_example_runs(trained_store, tmp_path, monkeypatch):
 def test_metric_all_adds_the_seed_variant_and_the_simple_mia(trained_store):
     (rep,) = score.run(trained_store, methods=["finetune"], metric="all", bootstrap=0)
     seed = rep["seed_metric"]
-    assert set(seed) == {"score", "dropped", "above_one", "attack_accuracy",
-                         "simple_mia_accuracy"}
+    assert set(seed) == {"variant", "score", "dropped", "above_one", "attack_accuracy",
+                         "simple_mia_accuracy", "per_example"}
+    assert seed["variant"] == "seed" and rep["seed_converged"]["variant"] == "seed-converged"
+    assert 0.0 <= rep["lira"]["balanced_accuracy"] <= 1.0 and rep["klom"]["forget"]["p95"] >= 0
+    assert len(seed["per_example"]["score"]) == rep["num_forget_examples"]
     assert 0.0 <= seed["attack_accuracy"] <= 1.0 and 0.0 <= seed["simple_mia_accuracy"] <= 1.0
     assert 0 <= seed["dropped"] <= rep["num_forget_examples"]
     (seed_only,) = score.run(trained_store, methods=["finetune"], metric="seed", bootstrap=0)
-    assert "forget_quality" not in seed_only and seed_only["seed_metric"] == seed
+    assert "forget_quality" not in seed_only
+    again = dict(seed_only["seed_metric"])  # the same numbers (NaN where NaN: compare arrays)
+    np.testing.assert_array_equal(again.pop("per_example")["score"], seed["per_example"]["score"])
+    assert again == {k: v for k, v in seed.items() if k != "per_example"}
 
 
 def test_score_refuses_too_few_models_and_bad_bootstrap(trained_store, tmp_path):

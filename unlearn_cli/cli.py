@@ -304,7 +304,8 @@ def score_cmd(
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report here.",
                                                 show_default=False)] = None,
-    metric: Annotated[str, typer.Option("--metric", help="official | seed | all")] = "official",
+    metric: Annotated[str, typer.Option(
+        "--metric", help="official | seed | seed-converged | lira | klom | all")] = "official",
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
     config: ConfigOpt = None,

@@ -63,12 +63,25 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
         row("share of the ceiling", lambda r: _fmt(r["ceiling"]["share"], 2))
         row("final score", lambda r: _fmt(r["final_score"], 4))
         row("final score, ratios capped at 1", lambda r: _fmt(r["final_score_clipped"], 4))
-    if any("seed_metric" in r for r in reports):
-        row("seed metric score", lambda r: _fmt(r["seed_metric"]["score"], 4))
-        row("seed: dropped / above 1", lambda r: "{} / {}".format(
-            r["seed_metric"]["dropped"], r["seed_metric"]["above_one"]))
-        row("seed attack accuracy", lambda r: _pct(r["seed_metric"]["attack_accuracy"]))
-        row("simple MIA accuracy", lambda r: _pct(r["seed_metric"]["simple_mia_accuracy"]))
+    for key, name in (("seed_metric", "seed"), ("seed_converged", "seed-converged")):
+        if any(key in r for r in reports):
+            row(f"{name} metric score", lambda r, k=key: _fmt(r[k]["score"], 4))
+            row(f"{name}: dropped / above 1", lambda r, k=key: "{} / {}".format(
+                r[k]["dropped"], r[k]["above_one"]))
+            row(f"{name} attack accuracy", lambda r, k=key: _pct(r[k]["attack_accuracy"]))
+    if any("seed_metric" in r or "seed_converged" in r for r in reports):
+        row("simple MIA accuracy", lambda r: _pct(
+            (r.get("seed_metric") or r["seed_converged"])["simple_mia_accuracy"]))
+    if any("lira" in r for r in reports):
+        row("LiRA held-out accuracy (0.5 ideal)", lambda r: _fmt(r["lira"]["balanced_accuracy"]))
+        row("LiRA TPR at 1% / 5% FPR", lambda r: "{} / {}".format(
+            _fmt(r["lira"]["tpr_at_1pct_fpr"]), _fmt(r["lira"]["tpr_at_5pct_fpr"])))
+        row("LiRA examples beating chance", lambda r: "{} (~{} by chance)".format(
+            _pct(r["lira"]["share_beating_chance"]), _pct(r["lira"]["alpha"])))
+    if any("klom" in r for r in reports):
+        for part in ("forget", "test"):
+            row(f"KLOM {part} p95 / mean (0 ideal)", lambda r, p=part: "{} / {}".format(
+                _fmt(r["klom"][p]["p95"]), _fmt(r["klom"][p]["mean"])))
     pairs = [("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
              ("forget_accuracy", "forget acc")]
     if any("test_accuracy_forgotten_classes" in r["utility"] for r in reports):

@@ -18,9 +18,9 @@ from . import metrics
 from .errors import StoreError, UnlearnError
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store, now, versions
 
-SCHEMA = "unlearn.report/1"
+SCHEMA = "unlearn.report/2"  # 2: seed_converged, lira, klom; seed_metric.variant/per_example
 RUNTIME_GATE = 0.2  # the challenge rejected methods slower than ~20% of retraining
-METRICS = ("official", "seed", "all")
+METRICS = ("official", "seed", "seed-converged", "lira", "klom", "all")
 MIN_MODELS = 3  # per bank: below this the buckets of H are empty (ceil(ln(N - 1)) = 0)
 
 
@@ -178,7 +178,14 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
             "score": part["score"].tolist(),
         }
     if metric in ("seed", "all"):
-        report["seed_metric"] = seed_part(unl, refs, forget_y, test_y)
+        report["seed_metric"] = seed_part(unl, refs, forget_y, test_y,
+                                          workers=_seed_workers(exp))
+    if metric in ("seed-converged", "all"):
+        report["seed_converged"] = seed_part(unl, refs, forget_y, test_y, converged=True)
+    if metric in ("lira", "all"):
+        report["lira"] = lira_part(u_conf, r_conf, seed=seed)
+    if metric in ("klom", "all"):
+        report["klom"] = klom_part(unl, refs, forget_y, test_y)
     report["utility"] = utility
     report["original"] = original
     report["runtime"] = {
@@ -196,29 +203,79 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
 
 
 def seed_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
-              test_y: np.ndarray) -> dict[str, Any]:
-    """The seed's learned-attack variant and the starting kit's simple MIA (spec sections 2-3)."""
+              test_y: np.ndarray, *, converged: bool = False, workers: int | None = None
+              ) -> dict[str, Any]:
+    """The seed's learned-attack variant (spec section 2), as the seed fits it or converged, and
+    the starting kit's simple MIA (section 3), on float64 cross-entropy of the stored logits."""
     from . import attacks
 
-    def losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Cross-entropy per model and example: logits [N, K, C], labels [K] -> [N, K]."""
-        z = logits.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=-1))
-        true = np.take_along_axis(z, labels[None, :, None].repeat(z.shape[0], 0), -1)[..., 0]
-        return log_norm - true
-
-    u_forget = losses(unl["forget_logits"], forget_y)
-    r_forget = losses(refs["forget_logits"], forget_y)
-    seed = attacks.seed_scores(u_forget, r_forget)
-    mia = attacks.simple_mia(u_forget, losses(unl["test_logits"], test_y))
+    u_forget = attacks.cross_entropy_losses(unl["forget_logits"], forget_y)
+    r_forget = attacks.cross_entropy_losses(refs["forget_logits"], forget_y)
+    try:
+        if converged:
+            result = attacks.seed_converged_scores(u_forget, r_forget)
+        else:
+            result = attacks.seed_scores(u_forget, r_forget, workers=workers)
+        mia = attacks.simple_mia(u_forget,
+                                 attacks.cross_entropy_losses(unl["test_logits"], test_y))
+    except ValueError as error:  # too few models or examples for these attacks
+        name = "seed-converged" if converged else "seed"
+        raise StoreError(f"--metric {name} cannot score this store: {error}; train more models "
+                         "(unlearn train-refs --num-models N, then unlearn apply) or use "
+                         "--metric official, lira or klom") from error
     return {
-        "score": float(seed.score),
-        "dropped": int(seed.dropped),
-        "above_one": int(seed.above_one),
-        "attack_accuracy": float(seed.attack_accuracy),
+        "variant": result.variant,
+        "score": float(result.score),
+        "dropped": int(result.dropped),
+        "above_one": int(result.above_one),
+        "attack_accuracy": float(result.attack_accuracy),
         "simple_mia_accuracy": float(mia),
+        "per_example": {"score": result.per_example.tolist(),
+                        "attack_accuracy": result.per_example_accuracy.tolist()},
     }
+
+
+def lira_part(u_conf: np.ndarray, r_conf: np.ndarray, *, seed: int) -> dict[str, Any]:
+    """The held-out likelihood-ratio attack on the forget set's confidences [N, E] (README)."""
+    from . import second_opinions
+
+    lira = second_opinions.held_out_lira(u_conf, r_conf, seed=seed)
+    tpr = dict(zip(("tpr_at_1pct_fpr", "tpr_at_5pct_fpr"), lira.mean_tpr_at_fpr, strict=True))
+    return {
+        "balanced_accuracy": lira.mean_balanced_accuracy,
+        **tpr,
+        "share_beating_chance": lira.share_beating_chance,
+        "alpha": lira.alpha, "folds": lira.folds, "seed": lira.seed,
+        "per_example": {
+            "balanced_accuracy": lira.balanced_accuracy.tolist(),
+            "tpr_at_1pct_fpr": lira.tpr_at_fpr[0].tolist(),
+            "tpr_at_5pct_fpr": lira.tpr_at_fpr[1].tolist(),
+            "p_value": lira.p_value.tolist(),
+        },
+    }
+
+
+def klom_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
+              test_y: np.ndarray) -> dict[str, Any]:
+    """KLOM of the margins on the forget set and on the test set (README)."""
+    from . import second_opinions as so
+
+    result = so.klom(so.margins(unl["forget_logits"], forget_y),
+                     so.margins(refs["forget_logits"], forget_y),
+                     so.margins(unl["test_logits"], test_y),
+                     so.margins(refs["test_logits"], test_y))
+    return {
+        "forget": {"p95": result.forget_p95, "mean": result.forget_mean},
+        "test": {"p95": result.test_p95, "mean": result.test_mean},
+        "bins": so.KLOM_BINS, "eps": so.KLOM_EPS, "clip": so.KLOM_CLIP,
+        "per_example": {"forget": result.forget.tolist()},
+    }
+
+
+def _seed_workers(exp: dict[str, Any]) -> int | None:
+    """Processes for the seed metric's fits: the stored launch.workers, None (one per core) if 0."""
+    workers = exp.get("config", {}).get("launch", {}).get("workers", 0)
+    return int(workers) if isinstance(workers, int) and workers > 0 else None
 
 
 def reading(ceiling: dict[str, Any]) -> str:
@@ -259,6 +316,12 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
                 f"store {store.root} holds no unlearning runs yet; run `unlearn apply --method "
                 f"finetune --store {store.root}` first"
             )
+    if metric in ("seed", "all"):
+        from . import attacks
+
+        if len(store.load_split()["forget"]) >= attacks.PARALLEL_MIN_EXAMPLES:
+            # Helper processes import scikit-learn while the banks are read and scored.
+            attacks.start_seed_helpers(_seed_workers(store.read_experiment()))
     # The reference bank is the same for every method: read its outputs once.
     references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
     return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
