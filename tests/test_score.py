@@ -129,7 +129,9 @@ def _golden_store(root: Path, case: str) -> tuple[Path, dict[str, np.ndarray]]:
         "forget_labels": labels, "test_labels": test_labels,
         "retain_labels": np.zeros(RETAIN, np.int64),
     }
-    s.init_experiment(load_config(None), split)
+    cfg = load_config(None)
+    s.init_experiment(cfg, split)
+    prov = {"config_hash": cfg.identity_hash(), "split_hash": hash_split(split)}
     s.save_method("finetune", {"name": "finetune", "spec": "finetune", "params": {}})
     ref_retain = np.arange(RETAIN) < 8  # 8 of 10 right
     unl_retain = np.arange(RETAIN) < 9  # 9 of 10 right
@@ -141,12 +143,12 @@ def _golden_store(root: Path, case: str) -> tuple[Path, dict[str, np.ndarray]]:
             "forget_logits": g["retrained_logits"][i],
             "test_logits": _labelled_logits(test_labels, np.ones(TEST, bool)),
             "retain_loss": np.zeros(RETAIN, np.float32), "retain_correct": ref_retain,
-        }, {"wall_seconds": 4.0 if timing == "sequential" else 0.5, "timing": timing})
+        }, {**prov, "wall_seconds": 4.0 if timing == "sequential" else 0.5, "timing": timing})
         s.save_outputs(UNLEARNED, 1_000_000 + i, {
             "forget_logits": g["unlearned_logits"][i],
             "test_logits": _labelled_logits(test_labels, np.arange(TEST) < 2),
             "retain_loss": np.zeros(RETAIN, np.float32), "retain_correct": unl_retain,
-        }, {"wall_seconds": 0.6, "timing": "sequential"}, method="finetune")
+        }, {**prov, "wall_seconds": 0.6, "timing": "sequential"}, method="finetune")
     return s.root, g
 
 
