@@ -16,20 +16,28 @@ and evaluates the epsilon formula in float32: its epsilons are float32 values (e
 float64 gives 1.0969042). We reproduce that arithmetic, so our epsilons equal the golden ones bit
 for bit and a value close to a bucket edge (a multiple of 0.5) lands in upstream's bucket.
 
-Two implementations of the per-example epsilon live here:
-- `per_example_epsilons_reference`: the spec read literally, one example at a time, one right edge
-  at a time, counting threshold hits with `searchsorted`. Slow (10-20 ms per example) and simple:
-  the oracle of the tests and the baseline of benchmarks/bench_metrics.py;
-- `per_example_epsilons`: the same values, from exact counts on an integer lattice of thresholds
-  (see the comment above `_left_edge_values`); typically 0.2-0.4 ms per example on this
-  project's 2-core machines (1,000 examples x (512 + 512) models in about 0.3 s), up to ~2 ms for
-  an example whose data are denser than the threshold grid around every threshold.
+Three implementations of the per-example epsilon live here, with equal values (tested):
+- `per_example_epsilons_reference`: the spec read literally, one example at a time, every one of
+  its ~160,000 interval rules counted with `searchsorted` (vectorised over the right edges). Slow
+  (~10 ms per example) and simple: the oracle of the tests and the baseline of
+  benchmarks/bench_metrics.py;
+- the per-example fast path (`_example_epsilon_fast`): exact counts on an integer lattice of
+  thresholds (see the comment above `_left_edge_values`), ~0.2 ms per example, most of it the
+  overhead of ~200 small numpy calls. Used for banks of unequal sizes;
+- the batched path (`_epsilons_batched`, used by `per_example_epsilons` for banks of equal size,
+  by the ceiling and by the bootstrap): the same counts for many columns per numpy call (see the
+  comment above `_grid_positions`), ~4x less CPU than the per-example path.
+
+Where a last-bit difference could change a reported number, and why it cannot: README, "Exactness".
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from statistics import NormalDist
 from typing import NamedTuple, TypedDict
 
 import numpy as np
@@ -575,7 +583,7 @@ def _example_epsilon_fast(
 # corrected against the grid's own floats (`_grid_positions`), and the interval family uses the
 # lattice argument of the comment above `_left_edge_values`, with its masked points settled from
 # the float left edges, exactly as there.
-_BATCH_VALUES = 1 << 16  # columns per chunk x models per bank: the per-column arrays are
+_BATCH_VALUES = 1 << 14  # columns per chunk x models per bank: the per-column arrays are
 # [chunk, ~6n] int64, a few MiB each
 _BATCH_PAIRS = 1 << 21  # (row run, lattice run) pairs evaluated at once: bounds memory (~100 MiB)
 _KEY_STRIDE = np.int64(1) << 20  # > any lattice index + 2 (319,202) and any grid size used here
@@ -621,7 +629,7 @@ def _grid_positions(
 
 
 def _row_segment_max(values: np.ndarray, column: np.ndarray, best: np.ndarray) -> None:
-    """best[c] = max(best[c], max of values whose column is c); column `[P]` sorted, values `[P]`."""
+    """best[c] = max(best[c], max of the values of column c); column `[P]` sorted, values `[P]`."""
     if column.size == 0:
         return
     starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
@@ -656,13 +664,15 @@ def _single_family_best_batched(pos: np.ndarray, neg: np.ndarray, table: np.ndar
 
 
 def _interval_family_best_batched(
-    peaky: np.ndarray, other: np.ndarray, width: np.ndarray, table: np.ndarray
+    peaky: np.ndarray, other: np.ndarray, width: np.ndarray, table: np.ndarray, floor: np.ndarray
 ) -> np.ndarray:
-    """Largest interval-rule epsilon (float32) per row: `_interval_family_best` on each row of
-    peaky, other `[K, n]` (sorted rows) and width `[K]`, batched (see the comment above)."""
+    """max(floor, largest interval-rule epsilon) per row, float32: `_interval_family_best` on
+    each row of peaky, other `[K, n]` (sorted rows) and width `[K]`, batched (see the comment
+    above). floor `[K]` float32 (the single-threshold family's best) lets rules that cannot beat
+    it go unevaluated."""
     num_cols, n = peaky.shape
     stride = n + 1
-    best = np.zeros(num_cols, dtype=np.float32)
+    best = floor.astype(np.float32)  # a copy
     r_min = peaky[:, 0] + width - INTERVAL_BUFFER
     r_max = peaky[:, -1] + INTERVAL_BUFFER
     num_right = np.ceil((r_max - r_min) * THRESHOLDS_PER_UNIT).astype(np.int64)
@@ -836,15 +846,21 @@ def _interval_family_best_batched(
         # The data sitting on each masked point, `[P, G]` (G = the most on one point; padding
         # has weight 0), ordered by point like masked_key.
         on_key = (col_key[:, None] + masked_at)[is_masked]
-        order = np.argsort(on_key, kind="stable")
-        on_key = on_key[order]
-        on_x = data[is_masked][order]
-        on_w = np.broadcast_to(weight, data.shape)[is_masked][order]
+        on_x = data[is_masked]
+        on_w = np.broadcast_to(weight, data.shape)[is_masked]
+        # Ties (a resampled model is repeated) sit together: merge equal values, summing weights.
+        order = np.lexsort((on_x, on_key))
+        on_key, on_x, on_w = on_key[order], on_x[order], on_w[order]
+        distinct = np.r_[True, (on_key[1:] != on_key[:-1]) | (on_x[1:] != on_x[:-1])]
+        group_id = np.cumsum(distinct) - 1
+        on_w = np.bincount(group_id, weights=on_w).astype(np.int64)
+        on_key, on_x = on_key[distinct], on_x[distinct]
         group_start = np.searchsorted(on_key, masked_key, side="left")
-        member = np.arange(on_key.size) - np.repeat(group_start, np.diff(np.r_[group_start, on_key.size]))
-        point = np.searchsorted(masked_key, on_key)
+        group_size = np.diff(np.r_[group_start, on_key.size])
+        member = np.arange(on_key.size) - np.repeat(group_start, group_size)
+        point = np.repeat(np.arange(masked_key.size), group_size)
         sitting_x = np.zeros((masked_key.size, int(member.max()) + 1))
-        sitting_w = np.zeros_like(sitting_x, dtype=np.int64)
+        sitting_w = np.zeros(sitting_x.shape, dtype=np.int64)  # padding weighs nothing
         sitting_x[point, member] = on_x
         sitting_w[point, member] = on_w
         # The rules (j, i) with row_step * j + col_step * i = m, as [P, W] with a validity mask.
@@ -870,19 +886,21 @@ def _interval_family_best_batched(
                 rule_j, r_min[col, None], r_max[col, None], num_right[col, None]
             )
             left = _left_edge_values(right, width[col, None], rule_i)
-            below = np.broadcast_to(m_below[sel, None], left.shape).copy()
+            index = right_counts[col[:, None], rule_j] - m_below[sel, None]
             for g in range(sitting_x.shape[1]):
-                below += sitting_w[sel, g, None] * (sitting_x[sel, g, None] < left)
-            index = np.maximum(right_counts[col[:, None], rule_j] - below, 0)
+                index -= sitting_w[sel, g, None] * (sitting_x[sel, g, None] < left)
+            np.maximum(index, 0, out=index)
             index[~valid] = 0
             _row_segment_max(table.take(index).max(axis=1), col, best)  # col is sorted
 
     for c in np.flatnonzero(~lattice | dense):  # per-example path (never for confidences)
-        best[c] = _interval_family_best(peaky[c], other[c], float(width[c]))
+        best[c] = max(best[c], _interval_family_best(peaky[c], other[c], float(width[c])))
     return best
 
 
-def _grid_element(i: np.ndarray, start: np.ndarray, stop: np.ndarray, size: np.ndarray) -> np.ndarray:
+def _grid_element(
+    i: np.ndarray, start: np.ndarray, stop: np.ndarray, size: np.ndarray
+) -> np.ndarray:
     """Element i of np.linspace(start, stop, size), elementwise (`[P]` each), the same floats."""
     step = (stop - start) / (size - 1)
     return np.where(i == size - 1, stop, i.astype(np.float64) * step + start)
@@ -891,41 +909,72 @@ def _grid_element(i: np.ndarray, start: np.ndarray, stop: np.ndarray, size: np.n
 def _epsilons_batched(unlearned_rows: np.ndarray, retrained_rows: np.ndarray) -> np.ndarray:
     """Official epsilon of each row pair: `[K, n]` unlearned and `[K, n]` retrained confidences
     (one row per column of the metric, same n in both banks). float64 `[K]`, equal to
-    `_example_epsilon_fast` row by row (tested)."""
+    `_example_epsilon_fast` row by row (tested).
+
+    Chunks of rows are independent; with several CPUs they run on a few threads (numpy releases
+    the GIL inside its array operations), which changes no value.
+    """
     num_cols, n = unlearned_rows.shape
     out = np.empty(num_cols)
-    table = _epsilon_table(n, n)
+    _epsilon_table(n, n)  # build the table once, before any thread asks for it
     chunk = max(16, _BATCH_VALUES // n)
-    for lo in range(0, num_cols, chunk):
-        u = unlearned_rows[lo : lo + chunk]
-        r = retrained_rows[lo : lo + chunk]
-        median_u = np.median(u, axis=1)
-        median_r = np.median(r, axis=1)
-        u, r = np.sort(u, axis=1), np.sort(r, axis=1)
-        swap = (median_r > median_u)[:, None]  # spec 1.2: retrained positive iff strictly higher
-        pos, neg = np.where(swap, r, u), np.where(swap, u, r)
-        range_pos = pos[:, -1] - pos[:, 0]
-        range_neg = neg[:, -1] - neg[:, 0]
-        widest = np.maximum(range_pos, range_neg)
-        narrowest = np.minimum(range_pos, range_neg)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            degenerate = (widest == 0.0) | (narrowest / widest < DEGENERATE_SPREAD_RATIO)
-        eps = np.where(
-            widest == 0.0, np.where(pos[:, 0] == neg[:, 0], 0.0, EPSILON_CAP), EPSILON_CAP
+    starts = range(0, num_cols, chunk)
+
+    def work(lo: int) -> None:
+        out[lo : lo + chunk] = _epsilons_chunk(
+            unlearned_rows[lo : lo + chunk], retrained_rows[lo : lo + chunk]
         )
-        run = ~degenerate
-        if run.any():
-            p, q = pos[run], neg[run]
-            best = _single_family_best_batched(p, q, table)
-            # spec 1.4: the interval family targets the bank with the smaller range (ties: neg)
-            flip = (range_pos >= range_neg)[run][:, None]
-            peaky, other = np.where(flip, q, p), np.where(flip, p, q)
-            best = np.maximum(best, _interval_family_best_batched(
-                peaky, other, narrowest[run], table
-            ))
-            eps[run] = np.minimum(best, np.float32(EPSILON_CAP)).astype(np.float64)
-        out[lo : lo + chunk] = eps
+
+    threads = min(_worker_threads(), len(starts))
+    if threads <= 1:
+        for lo in starts:
+            work(lo)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(work, starts))  # list(): re-raise a worker's exception here
     return out
+
+
+def _worker_threads() -> int:
+    """Threads for `_epsilons_batched`: the CPUs this process may use, at most 4 (the chunks
+    are memory-bound beyond that)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_THREADS))
+
+
+_MAX_THREADS = 4
+
+
+def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """`_epsilons_batched` on one chunk of rows `[k, n]` each; float64 `[k]`."""
+    n = u.shape[1]
+    table = _epsilon_table(n, n)
+    median_u = np.median(u, axis=1)
+    median_r = np.median(r, axis=1)
+    u, r = np.sort(u, axis=1), np.sort(r, axis=1)
+    swap = (median_r > median_u)[:, None]  # spec 1.2: retrained positive iff strictly higher
+    pos, neg = np.where(swap, r, u), np.where(swap, u, r)
+    range_pos = pos[:, -1] - pos[:, 0]
+    range_neg = neg[:, -1] - neg[:, 0]
+    widest = np.maximum(range_pos, range_neg)
+    narrowest = np.minimum(range_pos, range_neg)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        degenerate = (widest == 0.0) | (narrowest / widest < DEGENERATE_SPREAD_RATIO)
+    # spec 1.3: degenerate spread -> the cap; both banks constant -> 0 if equal, else the cap
+    eps = np.where(widest == 0.0, np.where(pos[:, 0] == neg[:, 0], 0.0, EPSILON_CAP), EPSILON_CAP)
+    run = ~degenerate
+    if run.any():
+        p, q = pos[run], neg[run]
+        best = _single_family_best_batched(p, q, table)
+        # spec 1.4: the interval family targets the bank with the smaller range (ties: neg)
+        flip = (range_pos >= range_neg)[run][:, None]
+        peaky, other = np.where(flip, q, p), np.where(flip, p, q)
+        best = _interval_family_best_batched(peaky, other, narrowest[run], table, best)
+        eps[run] = np.minimum(best, np.float32(EPSILON_CAP)).astype(np.float64)
+    return eps
 
 
 def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
@@ -936,8 +985,8 @@ def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.nda
     largest epsilon of ~1,000 single-threshold rules and ~160,000 interval rules (grids of 100
     thresholds per unit, exactly upstream's), delta = 1e-5, clipped to [0, 50] (perfect separation
     gives 50). Rates and the epsilon formula use float32, as upstream does, so the values match the
-    organizers' code bit for bit. Same values as `per_example_epsilons_reference`, 40-60x faster
-    (see the comment above `_left_edge_values`).
+    organizers' code bit for bit. Same values as `per_example_epsilons_reference`; banks of equal
+    size go through the batched path, others one example at a time.
 
     Both banks constant (unhandled upstream): equal constants -> 0, different constants -> 50.
     The two banks may hold different numbers of models (rates are per bank).
@@ -1164,25 +1213,28 @@ def bootstrap_forget_quality(
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Bootstrap interval for F, re-centred on F (spec section 4).
+    """Bootstrap interval for F (spec section 4): F +- z * (sd of F over the resamples).
 
     Each resample draws N models with replacement within each bank (independently for the two
-    banks) and recomputes F over all forget examples. It reflects the sampling of models (seeds),
-    not of forget examples.
+    banks) and recomputes F over all forget examples; all resamples go through the epsilon engine
+    in one batched pass (`_forget_qualities`), with the same values as one F per resample. The
+    interval reflects the sampling of models (seeds), not of forget examples.
 
-    Why re-centred, measured (N = 100, 150 examples, normal confidences): resampling with
-    replacement puts repeated models in each bank, i.e. exact ties, and the ~160,000 interval
-    rules exploit them, so the resampled F is biased low: for identical distributions F = 0.19
-    while the resampled F average 0.14 (sd 0.009; F of fresh draws: sd 0.005); for a 0.3 sd shift,
-    F = 0.136 against 0.112. A plain percentile interval then lies entirely below F. The bias is
-    an artefact of the resampling (a fresh bank has no ties), so the interval keeps the spread of
-    the resampled F and moves it onto F: [F + q_lo - mean, F + q_hi - mean], where q are the
-    (1 - level)/2 and (1 + level)/2 quantiles and mean their average, clipped to [0, 1]. Its width
-    is conservative: the resampled sd (0.009) exceeds that of fresh draws (0.005).
+    Why the sd and not the percentiles of the resampled F: resampling with replacement puts
+    repeated models in each bank, i.e. exact ties, and the ~160,000 interval rules exploit them,
+    so the resampled F are biased low (by ~0.05 for identical distributions at N = 30): a plain
+    percentile interval lies below F (it covered the ceiling in 0-1% of retrain-vs-retrain
+    draws). Their spread is right, though (sd 0.0149 against 0.0158 for fresh draws at N = 100,
+    40 examples). Measured over independent retrain-vs-retrain draws (the interval should cover
+    the expected F of a perfect unlearner 95% of the time): this interval covered 94.0% at
+    N = 12 (20 examples, 40 resamples, 200 draws), 93.5% at N = 30 (40 examples, 200 draws) and
+    94% at N = 100 (100 draws); the percentile interval moved onto F covered 89.5%, 92% and 94%,
+    short at small N, where 2.5% tails of a few dozen resamples are noisy. Tested in
+    tests/test_metrics_bootstrap.py, with benchmarks/bench_metrics.py printing the coverage on
+    synthetic and on the golden digits banks.
 
-    Cost: num_resamples evaluations of F, about 30 ms each for 150 examples at N = 100 on a 2-core
-    machine, so about 3 s with the default 100 resamples (the usual minimum for a 95% percentile
-    interval); its ends moved by about 0.002 between two seeds there.
+    Cost: num_resamples F's, batched: about 4x less CPU than one F at a time (see the README,
+    Benchmarks); the interval's ends move by ~0.1 sd of F between two seeds at 100 resamples.
 
     Args:
         unlearned: `[num_models, num_examples]` confidences of the unlearned bank.
@@ -1206,13 +1258,21 @@ def bootstrap_forget_quality(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     rows_u, rows_r = _bootstrap_rows(u.shape[0], num_resamples, seed)
     scores = _forget_qualities(u, r, rows_u, rows_r)  # one batched pass over all resamples
-    low, high = np.quantile(scores, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    centre = _forget_quality_unchecked(u, r)
-    shift = centre - float(np.mean(scores))
-    return float(np.clip(low + shift, 0.0, 1.0)), float(np.clip(high + shift, 0.0, 1.0))
+    return _interval_from_resamples(_forget_quality_unchecked(u, r), scores, level)
 
 
-def _bootstrap_rows(num_models: int, num_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _interval_from_resamples(
+    centre: float, scores: np.ndarray, level: float
+) -> tuple[float, float]:
+    """F +- z * sd(resampled F), clipped to [0, 1]; scores `[num_resamples]`."""
+    half_width = NormalDist().inv_cdf((1.0 + level) / 2.0) * float(np.std(scores, ddof=1))
+    low, high = np.clip([centre - half_width, centre + half_width], 0.0, 1.0)
+    return float(low), float(high)
+
+
+def _bootstrap_rows(
+    num_models: int, num_resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The models each resample draws: int `[num_resamples, num_models]` for the unlearned bank and
     for the reference bank, drawn with replacement (resample by resample, unlearned first)."""
     rng = np.random.default_rng(seed)
