@@ -30,6 +30,7 @@ CALLS = [
     ("--help", "--help", 0),
     ("methods", "methods", 0),
     ("apply --help", "apply --help", 0),
+    ("--version", "--version", 0),
     ("train-refs --num-models 0", "train-refs --num-models 0 --store {tmp}/a", 1),
     ("train-refs --num-models 99999999999", "train-refs --num-models 99999999999 --store {tmp}/a",
      1),

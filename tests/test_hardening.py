@@ -354,7 +354,7 @@ def test_user_text_is_not_read_as_markup_or_emoji(store_copy, tmp_path):
 # line) without importing torch; {store} is a trained store. Timed as whole processes by
 # benchmarks/bench_cli.py (the same list); here only what they import is checked.
 QUICK = [
-    "--help", "methods", "apply --help", "train-refs --help", "score --help",
+    "--help", "--version", "methods", "apply --help", "train-refs --help", "score --help",
     "train-refs --num-models 0 --store {tmp}/a",
     "train-refs --num-models 99999999999 --store {tmp}/a",
     "train-refs --device cuda: --store {tmp}/a",
@@ -393,7 +393,7 @@ def test_help_listing_and_argument_errors_never_import_torch(trained_store, tmp_
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen["codes"] == [0] * 5 + [1] * (len(QUICK) - 5), seen
+    assert seen["codes"] == [0] * 6 + [1] * (len(QUICK) - 6), seen
     assert seen["heavy"] == [], f"imported {seen['heavy']} to answer: {lines}"
     assert not (tmp_path / "a").exists()
 
@@ -410,3 +410,84 @@ def test_the_registry_lists_methods_without_importing_them():
                           timeout=60)
     assert proc.stdout.split() == [str(len(__import__("unlearn_cli.methods").methods.REGISTRY)),
                                    "False", "True"], proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ 9. small lies
+
+
+@pytest.mark.slow
+def test_retrain_reads_a_runtime_ratio_of_one(tmp_path):
+    """`retrain` is retraining: both sides timed the same way (warm, alone, median, same kind of
+    worker) must give 1.0 +- 0.15, whatever the machine's load (recorded on both sides)."""
+    from unlearn_cli import apply, score, train_refs
+    from unlearn_cli.config import load_config
+
+    # Loop engine: every reference model is timed alone; 10 epochs so that a model takes long
+    # enough (~0.2 s) for a timer to mean something.
+    cfg = load_config(None, ["train.epochs=10", "launch.workers=1", "train.engine=loop"])
+    train_refs.run(cfg, tmp_path / "s", num_models=7)
+    apply.run(cfg, tmp_path / "s", method_spec="retrain")
+    (rep,) = score.run(tmp_path / "s", methods=["retrain"], bootstrap=0)
+    runtime = rep["runtime"]
+    assert 0.85 <= runtime["ratio"] <= 1.15, runtime
+    assert runtime["retrained_timing"] == "median of 7 models timed alone"
+    assert runtime["threads"]["unlearned"] == runtime["threads"]["retrained"]
+    assert all(v is not None for v in runtime["load_average"].values())
+
+
+@pytest.mark.parametrize("command", [[], ["train-refs"], ["apply"], ["score"]])
+def test_help_shows_flags_and_plain_metavars(command):
+    code, out = invoke(*command, "--help")
+    assert code == 0
+    assert not re.search(r"<(bool|int|str|path|list\[str\])>", out), out
+    if command == ["apply"]:
+        assert re.search(r"--dry-run\s+Run the method once", out)
+        assert "--set KEY=VALUE" in out and "--num-models N" in out
+        # Examples stay one per line, unwrapped, so that they can be copied.
+        assert "  unlearn apply --method reset-head --num-models 50 --set " \
+               "method.reset-head.epochs=3\n" in out
+
+
+def test_version():
+    from unlearn_cli import __version__
+
+    code, out = invoke("--version")
+    assert code == 0 and out.strip() == f"unlearn {__version__}"
+
+
+def test_the_resume_line_counts_reference_models_only(store_copy):
+    code, out = invoke("train-refs", "--num-models", 6, "--store", store_copy)
+    assert code == 0, out
+    assert "6 reference model(s) already stored: reused" in out  # the original is not one
+    assert "0 reference model(s) trained, 6 reused" in out
+
+
+def test_too_few_unlearning_runs_suggests_apply(store_copy, tmp_path):
+    plugin = tmp_path / "keep.py"
+    plugin.write_text("def keep(model, data, params, *, device, seed):\n    return model\n")
+    spec = f"{plugin}:keep"
+    assert invoke("apply", "--method", spec, "--num-models", 2, "--store", store_copy)[0] == 0
+    code, out = invoke("score", "--method", spec, "--store", store_copy, "--bootstrap", 0)
+    line = error_line(out)
+    assert code == 1 and "unlearn train-refs" not in line, line
+    assert f"`unlearn apply --method {spec} --num-models 6 --store {store_copy}`" in line
+    follow(line, store_copy)
+    code, out = invoke("score", "--method", spec, "--store", store_copy, "--bootstrap", 0)
+    assert code == 0, out
+
+
+def test_dry_run_says_how_its_seconds_were_taken(store_copy):
+    code, out = invoke("apply", "--method", "finetune", "--dry-run", "--store", store_copy)
+    assert code == 0, out
+    out = " ".join(out.split())
+    assert "seconds, unlearned: the method's second run in this process (warm" in out
+    assert "its first took" in out and "seconds, original: its training as train-refs timed" in out
+
+
+def test_the_seed_rows_are_explained(store_copy):
+    code, out = invoke("score", "--method", "finetune", "--metric", "all", "--store", store_copy,
+                       "--bootstrap", 0)
+    assert code == 0, out
+    assert "seed: dropped / above 1" in out
+    assert "seed: dropped / above 1 = forget examples the seed's attack could not score" in \
+        " ".join(out.split())

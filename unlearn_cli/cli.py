@@ -67,33 +67,52 @@ def _error(text: str) -> None:
 # ---------------------------------------------------------------- shared options
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="Experiment YAML. Default: the store's own config if it "
-                 "exists, else the bundled digits config. A bare name picks a bundled config "
-                 "(`unlearn configs`).", show_default=False),
+    typer.Option("--config", "-c", metavar="PATH", help="Experiment YAML. Default: the store's "
+                 "own config if it exists, else the bundled digits config. A bare name picks a "
+                 "bundled config (`unlearn configs`).", show_default=False),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a config key, value read as YAML: "
-                 "--set train.epochs=10 (repeatable).", show_default=False),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, value read as "
+                 "YAML: --set train.epochs=10 (repeatable).", show_default=False),
 ]
 StoreOpt = Annotated[
     Optional[Path],
-    typer.Option("--store", help="Experiment folder. Default: runs/<config name>, e.g. "
-                 "runs/digits.", show_default=False),
+    typer.Option("--store", metavar="DIR", help="Experiment folder. Default: runs/<config "
+                 "name>, e.g. runs/digits.", show_default=False),
 ]
 DeviceOpt = Annotated[
     Optional[str],
-    typer.Option("--device", help="auto | cpu | cuda | cuda:0,1 (default: launch.device, auto).",
-                 show_default=False),
+    typer.Option("--device", metavar="DEVICE", help="auto | cpu | cuda | cuda:0,1 (default: "
+                 "launch.device, auto).", show_default=False),
 ]
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--workers", help="CPU worker processes (0 = one per core).", show_default=False),
+    typer.Option("--workers", metavar="K", help="CPU worker processes (0 = one per core).",
+                 show_default=False),
 ]
 WorkersPerGpuOpt = Annotated[
     Optional[int],
-    typer.Option("--workers-per-gpu", help="Long-lived workers per GPU.", show_default=False),
+    typer.Option("--workers-per-gpu", metavar="K", help="Long-lived workers per GPU.",
+                 show_default=False),
 ]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"unlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Show the version and exit.", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Does your unlearning method really forget? Train reference models, run the method N times,
+    and score it per forget example as the NeurIPS 2023 Machine Unlearning Challenge did."""
 
 
 def _boundary(fn):
@@ -154,8 +173,9 @@ def _print_redone(redone: dict[str, str]) -> None:
 class _Bar:
     """A rich progress bar fed by the launcher's events (models done, ETA)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, noun: str):
         self.label = label
+        self.noun = noun  # what `reused` counts: "reference model(s)", "run(s) of finetune"
         self.progress: Any = None  # a rich Progress while models are being made
         self.task = None
         self.failed = 0
@@ -171,7 +191,7 @@ class _Bar:
         )
 
         if reused:
-            _say(f"{reused} model(s) already stored: reused")
+            _say(f"{reused} {self.noun} already stored: reused")
         if to_train == 0:
             _say("nothing to do: every model is stored")
             return
@@ -202,14 +222,14 @@ class _Bar:
 
 @app.command(
     "train-refs",
-    epilog="Examples:\n\n"
-    "  unlearn train-refs --num-models 100\n\n"
-    "  unlearn train-refs --num-models 8 --store runs/quick --set train.epochs=5\n\n"
+    epilog="\b\nExamples:\n"
+    "  unlearn train-refs --num-models 100\n"
+    "  unlearn train-refs --num-models 8 --store runs/quick --set train.epochs=5\n"
     "  unlearn train-refs --config configs/digits.yaml --device cuda:0,1 --workers-per-gpu 4",
 )
 @_boundary
 def train_refs_cmd(
-    num_models: Annotated[int, typer.Option("--num-models", "-n",
+    num_models: Annotated[int, typer.Option("--num-models", "-n", metavar="N",
                                             help="Reference models to have in the store.")] = 100,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -226,7 +246,7 @@ def train_refs_cmd(
 
     launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
     cfg, store_path = _resolve(config, set_, store, launch)
-    bar = _Bar("training")
+    bar = _Bar("training", "reference model(s)")
     try:
         result = train_refs.run(cfg, store_path, num_models=num_models, on_event=bar.event,
                                 on_plan=bar.plan)
@@ -244,19 +264,20 @@ def train_refs_cmd(
 
 @app.command(
     "apply",
-    epilog="Examples:\n\n"
-    "  unlearn apply --method finetune\n\n"
-    "  unlearn apply --method reset-head --num-models 50 --set method.reset-head.epochs=3\n\n"
-    "  unlearn apply --method finetune --dry-run\n\n"
+    epilog="\b\nExamples:\n"
+    "  unlearn apply --method finetune\n"
+    "  unlearn apply --method reset-head --num-models 50 --set method.reset-head.epochs=3\n"
+    "  unlearn apply --method finetune --dry-run\n"
     "  unlearn apply --method my_methods.py:forget_it --store runs/digits",
 )
 @_boundary
 def apply_cmd(
-    method: Annotated[str, typer.Option("--method", "-m", help="A built-in method (list: "
-                                        "`unlearn methods`) or a plugin: pkg.module:fn or "
-                                        "path/to/file.py:fn.")],
+    method: Annotated[str, typer.Option("--method", "-m", metavar="METHOD", help="A built-in "
+                                        "method (list: `unlearn methods`) or a plugin: "
+                                        "pkg.module:fn or path/to/file.py:fn.")],
     num_models: Annotated[Optional[int], typer.Option(
-        "--num-models", "-n", help="Unlearning runs (default: the number of reference models).",
+        "--num-models", "-n", metavar="N",
+        help="Unlearning runs (default: the number of reference models).",
         show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -276,10 +297,13 @@ def apply_cmd(
     if dry_run:
         from .report import dry_run_table
 
-        _console().print(dry_run_table(apply.dry_run(cfg, store_path, method_spec=method)))
+        result = apply.dry_run(cfg, store_path, method_spec=method)
+        _console().print(dry_run_table(result))
+        for who, how in result["timing"].items():
+            _say(f"seconds, {who}: {how}")
         _say("dry run: nothing was stored")
         return
-    bar = _Bar(f"unlearning ({method})")
+    bar = _Bar(f"unlearning ({method})", f"run(s) of {method}")
     try:
         result = apply.run(cfg, store_path, method_spec=method, num_models=num_models,
                            on_event=bar.event, on_plan=bar.plan)
@@ -292,22 +316,25 @@ def apply_cmd(
 
 @app.command(
     "score",
-    epilog="Examples:\n\n"
-    "  unlearn score --out report.json\n\n"
-    "  unlearn score --method finetune --metric all --store runs/digits\n\n"
+    epilog="\b\nExamples:\n"
+    "  unlearn score --out report.json\n"
+    "  unlearn score --method finetune --metric all --store runs/digits\n"
     "  unlearn score --method finetune --method reset-head",
 )
 @_boundary
 def score_cmd(
     method: Annotated[Optional[list[str]], typer.Option(
-        "--method", "-m", help="Method(s) to score (repeatable). Default: every stored method.",
+        "--method", "-m", metavar="METHOD",
+        help="Method(s) to score (repeatable). Default: every stored method.",
         show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the JSON report here.",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE",
+                                                help="Write the JSON report here.",
                                                 show_default=False)] = None,
     metric: Annotated[str, typer.Option(
-        "--metric", help="official | seed | seed-converged | lira | klom | all")] = "official",
+        "--metric", metavar="NAME",
+        help="official | seed | seed-converged | lira | klom | all")] = "official",
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
+        "--bootstrap", metavar="N", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
@@ -322,6 +349,10 @@ def score_cmd(
     from .report import print_reports, write_reports  # rich tables: only once there is a report
 
     print_reports(reports, _console())
+    if any("seed_metric" in r for r in reports):
+        _say("seed: dropped / above 1 = forget examples the seed's attack could not score (both "
+             "folds NaN: left out of its score, which they bias upward) / examples scoring above "
+             "1 (the attack did worse than chance; kept, as the seed does)")
     if out is not None:
         write_reports(reports, out)
         _say(f"report written to {out}")

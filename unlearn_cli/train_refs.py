@@ -146,7 +146,8 @@ def run(
             jobs.append(Job(name, f"{__name__}:train_job",
                             {**base, "kind": REFERENCE, "seeds": chunk}, len(chunk)))
         if on_plan is not None:
-            on_plan(count, len(done & set(range(num_models))) + int(not need_original))
+            # Reused reference models only: the original is not one (it was counted as one).
+            on_plan(count, len(done & set(range(num_models))))
         if on_event is not None and jobs:
             what = " and ".join(part for part in (
                 "the original" if need_original else "",
@@ -181,6 +182,33 @@ def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> l
 # ------------------------------------------------------------------ worker side
 
 
+def timing_context() -> dict[str, Any]:
+    """What a wall time was measured under, stored beside it: the machine's 1-minute load
+    average and torch's intra-op threads. `score` reports both, for each side of the ratio."""
+    import os
+
+    import torch
+
+    return {"load_average": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
+
+
+def warm_steps(ctx: Any, options: dict[str, Any]) -> None:
+    """A few untimed training steps on a throwaway model, before a job's first timed model.
+
+    The first steps in a process pay one-off costs (thread pools, allocator, kernel selection)
+    that later ones do not. Both sides of the runtime ratio do this same warm-up: train-refs
+    before its first model timed alone, apply before its first run. Two batches of the retain
+    set, one epoch, no augmentation cost worth counting; the model is dropped.
+    """
+    from .models import init_model
+    from .training import fit
+
+    x, y = ctx.subset("retain")
+    size = min(len(y), 2 * options["batch_size"])
+    model = init_model(ctx.spec, 0).to(ctx.device)
+    fit(model, x[:size], y[:size], **{**options, "epochs": 1, "compile": "none"}, seed=0)
+
+
 def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
     """Train the models of one job and store each; runs in a worker process.
 
@@ -211,12 +239,14 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             fit(model, x, y, seed=seed, **options)
         return model, watch.seconds
 
+    warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
+
     # The first model of a job is always trained alone: its wall time is an honest "retrain from
     # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
     first, rest = seeds[0], seeds[1:]
     model, seconds = train_alone(seed_of(first))
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, timing="sequential",
-                      engine="loop")
+                      engine="loop", **timing_context())
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     progress(1)
     if not rest:
@@ -228,13 +258,13 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         share = watch.seconds / len(rest)
         for seed, model in zip(rest, models):
             meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
-                              engine="ensemble", ensemble_size=len(rest))
+                              engine="ensemble", ensemble_size=len(rest), **timing_context())
             save_trained(ctx, kind, seed, model, meta)
             progress(1)
         return
     for seed in rest:
         model, seconds = train_alone(seed)
         meta = provenance(ctx, kind, seed, wall_seconds=seconds, timing="sequential",
-                          engine="loop")
+                          engine="loop", **timing_context())
         save_trained(ctx, kind, seed, model, meta)
         progress(1)
