@@ -244,7 +244,8 @@ def apply_cmd(
     epilog="Examples:\n\n"
     "  unlearn score --out report.json\n\n"
     "  unlearn score --method finetune --metric all --store runs/digits\n\n"
-    "  unlearn score --method finetune --method reset-head",
+    "  unlearn score --method finetune --method reset-head\n\n"
+    "  unlearn score --html report.html --plots figures",
 )
 @_boundary
 def score_cmd(
@@ -256,6 +257,14 @@ def score_cmd(
     metric: Annotated[str, typer.Option("--metric", help="official | seed | all")] = "official",
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
+    html: Annotated[Optional[Path], typer.Option(
+        "--html", help="Write a self-contained HTML report (tables, figures) here.",
+        show_default=False)] = None,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", help="Write every figure as PNG and SVG into this folder.",
+        show_default=False)] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", help="Forget examples shown per method (--html, --plots).")] = 8,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
@@ -267,11 +276,21 @@ def score_cmd(
     _, store_path = _resolve(config, set_, store, {})
     if out is not None and out.is_dir():
         raise UnlearnError(f"--out {out} is a folder; give a file path such as {out}/report.json")
-    reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap)
+    pages = html is not None or plots is not None
+    if pages:
+        from . import report_html
+
+        report_html.check_targets(html, plots)
+    reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap,
+                        keep_confidences=pages)
+    if pages:
+        pages = report_html.prepare(reports, store_path, top_k=top_k)
     print_reports(reports, console)
     if out is not None:
         write_reports(reports, out)
         console.print(f"report written to {out}")
+    if pages:
+        report_html.write_all(pages, html=html, plots=plots, console=console)
 
 
 @app.command("methods")
