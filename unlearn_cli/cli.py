@@ -280,7 +280,7 @@ def score_cmd(
     if pages:
         from . import report_html
 
-        report_html.check_targets(html, plots)
+        report_html.check_options(html, plots, top_k)
     reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap,
                         keep_confidences=pages)
     if pages:

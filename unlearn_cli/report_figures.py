@@ -22,6 +22,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 RETRAINED, UNLEARNED, CEILING, ALARM = "#4477AA", "#EE6677", "#BBBBBB", "#CC3311"
 PNG_DPI = 110  # 8.5 in wide figures -> ~940 px: sharp on a laptop, fine on paper
@@ -113,8 +114,8 @@ def forget_quality(reports: Sequence[dict[str, Any]]) -> Figure:
                   va="center", fontsize=8)
     ax_c.set_xlim(0, right * 1.45)
     half = sorted({r["ceiling"]["num_models"] for r in reports if "ceiling" in r})
-    ax_c.set_title(f"at N/2 = {', '.join(map(str, half))} against the same reference halves:\n"
-                   "grey = ceiling (retrained vs retrained), red = the method", loc="left")
+    ax_c.set_title(f"at N/2 = {', '.join(map(str, half))}, same reference halves:\n"
+                   "grey = ceiling, red = the method", loc="left")
     ax_c.set_xlabel("F at N/2")
     return fig
 
@@ -348,6 +349,7 @@ def forgetting_vs_utility(reports: Sequence[dict[str, Any]]) -> tuple[Figure, st
         if math.isfinite(xi) and math.isfinite(yi):
             ax.annotate(name, (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=7)
     ax.margins(x=0.25, y=0.12)  # room for the method names
+    ax.xaxis.set_major_locator(MaxNLocator(4))
     ax.axvline(1.0, color="#777777", lw=0.6, ls=":")
     if y is share:
         ax.axhline(1.0, color="#777777", lw=0.6, ls=":")

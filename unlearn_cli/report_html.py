@@ -9,7 +9,7 @@ config and the versions. Every number in its tables is a `<span class="num">` th
 key it shows (`data-key`) and the value as `report.json` holds it (`data-value`), so a test (or a
 reader) can check the page against the JSON.
 
-Flow (`cli.py`): `check_targets` before scoring (a bad path fails fast), `score.run(...,
+Flow (`cli.py`): `check_options` before scoring (a bad path fails fast), `score.run(...,
 keep_confidences=True)`, `prepare` (adds `top_examples` to each report and takes the confidences
 out, before the JSON is written), then `render_figures` once and `write_html` / `write_plots`.
 """
@@ -69,8 +69,12 @@ class Rendered:
 
 
 # --- paths ----------------------------------------------------------------------------------------
-def check_targets(html_path: Path | None, plots_dir: Path | None) -> None:
-    """Fail before scoring when --html or --plots cannot be written: one clear error line."""
+def check_options(html_path: Path | None, plots_dir: Path | None,
+                  top_k: int = DEFAULT_TOP_K) -> None:
+    """Fail before scoring when --html or --plots cannot be written, or --top-k is negative:
+    one clear error line."""
+    if top_k < 0:
+        raise UnlearnError(f"--top-k {top_k}: expected 0 or more examples, e.g. --top-k 8")
     if html_path is not None:
         html_path = Path(html_path)
         if html_path.is_dir():
@@ -103,8 +107,7 @@ def prepare(reports: list[dict[str, Any]], store_root: str | Path,
 
     reports: from `score.run(..., keep_confidences=True)`; changed in place.
     """
-    if top_k < 0:
-        raise UnlearnError(f"--top-k {top_k}: expected 0 or more examples, e.g. --top-k 8")
+    check_options(None, None, top_k)
     split = Store(store_root).load_split()
     examples: dict[str, list[dict[str, Any]]] = {}
     wanted: dict[str, list[dict[str, Any]]] = {}
@@ -322,9 +325,9 @@ a { color: #2255aa; }
 table { border-collapse: collapse; font-size: .88rem; margin: .4rem 0 1rem; }
 th, td { padding: .25rem .6rem; border-bottom: 1px solid var(--rule); text-align: right;
   white-space: nowrap; vertical-align: top; }
-th:first-child, td.label { text-align: left; }
+th:first-child, th[scope="row"] { text-align: left; }
 thead th { border-bottom: 2px solid var(--fg); }
-td.label { font-weight: 600; }
+tbody th { font-weight: 600; }
 td.text { text-align: left; white-space: normal; }
 .alarm { color: var(--bad); font-weight: 600; }
 .num { font-variant-numeric: tabular-nums; }
@@ -395,7 +398,7 @@ def _score_table(reports: Sequence[dict[str, Any]]) -> str:
     body = []
     for row in table_rows(reports):
         cells = "".join(_cell_html(row, r) for r in reports)
-        body.append(f'<tr><td class="label">{_esc(row.label)}</td>{cells}</tr>')
+        body.append(f'<tr><th scope="row">{_esc(row.label)}</th>{cells}</tr>')
     return (f'<div class="tablewrap"><table class="numbers" id="score-table"><thead><tr><th></th>'
             f'{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>')
 
@@ -420,7 +423,7 @@ def _top_table(report: dict[str, Any]) -> str:
             rates = (f"{num('rule', 'true_positive_rate', style='pct')} / "
                      f"{num('rule', 'false_positive_rate', style='pct')}")
         rows.append(
-            f"<tr><td>{i + 1}</td><td>{num('index')}</td><td>{num('label')}</td>"
+            f'<tr><th scope="row">{i + 1}</th><td>{num("index")}</td><td>{num("label")}</td>'
             f"<td>{num('epsilon', style='f3')}</td><td>{num('score')}</td>"
             f'<td class="text">{_esc(rule["kind"])}</td><td>{where}</td>'
             f'<td class="text">{_esc(rule["flags"] or "-")}</td><td>{rates}</td></tr>'
@@ -455,7 +458,7 @@ def _provenance(pages: Pages) -> str:
     rows = []
     for group in ("scored_with", "store"):
         for name in versions.get(group) or {}:
-            rows.append(f'<tr><td class="label">{_esc(group.replace("_", " "))}</td>'
+            rows.append(f'<tr><th scope="row">{_esc(group.replace("_", " "))}</th>'
                         f'<td class="text">{_esc(name)}</td><td class="text">'
                         f'{_num_span(Num(("versions", group, name), "raw"), rep)}</td></tr>')
     config = json.dumps(rep.get("config", {}), indent=2)
