@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded digits default: N reference models, N finetune runs, the score.
+## The main job on the embedded digits default: N reference models, N finetune runs, the score
+## (report.json, and report.html: open it in a browser).
 demo: install
 	$(BIN)/unlearn train-refs --num-models $(N)
 	$(BIN)/unlearn apply --method finetune
-	$(BIN)/unlearn score --out report.json
+	$(BIN)/unlearn score --out report.json --html report.html
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -36,10 +37,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_attacks.py
 	$(BIN)/python benchmarks/bench_demo.py
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_report.py
 
 ## GPU tests + GPU benchmark in <= 8 minutes; results in $$UNLEARN_BENCH_OUT (default benchmarks/out)
 bench-gpu: install
 	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
 
 clean:
-	rm -rf runs report.json .pytest_cache benchmarks/out
+	rm -rf runs report.json report.html .pytest_cache benchmarks/out

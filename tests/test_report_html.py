@@ -44,6 +44,8 @@ def test_best_rule_epsilon_equals_the_fast_path(seed):
     fast = metrics.per_example_epsilons(u, r)
     rules = metrics.best_rules(u, r, np.arange(u.shape[1]))
     assert [rule["epsilon"] for rule in rules] == fast.tolist()
+    # Given the fast path's epsilons (the report does), the same rules, found faster.
+    assert metrics.best_rules(u, r, np.arange(u.shape[1]), fast) == rules
     kinds = {rule["kind"] for rule in rules}
     assert {"threshold", "interval", "degenerate"} <= kinds, kinds
     assert rules[4]["kind"] == "degenerate" and rules[4]["epsilon"] == 50.0

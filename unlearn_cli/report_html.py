@@ -118,7 +118,7 @@ def prepare(reports: list[dict[str, Any]], store_root: str | Path,
         eps = np.asarray(rep["per_example"]["epsilon"], dtype=np.float64)
         # Largest epsilon first; among equal ones the earlier forget example (a stable sort).
         positions = np.argsort(-eps, kind="stable")[:top_k]
-        rules = metrics.best_rules(conf["unlearned"], conf["retrained"], positions)
+        rules = metrics.best_rules(conf["unlearned"], conf["retrained"], positions, eps)
         tops, shown = [], []
         for pos, rule in zip(positions.tolist(), rules):
             top = {
