@@ -276,20 +276,19 @@ def score_cmd(
     _, store_path = _resolve(config, set_, store, {})
     if out is not None and out.is_dir():
         raise UnlearnError(f"--out {out} is a folder; give a file path such as {out}/report.json")
-    pages = html is not None or plots is not None
-    if pages:
+    figures = html is not None or plots is not None
+    if figures:
         from . import report_html
 
-        report_html.check_options(html, plots, top_k)
+        report_html.check_options(html, plots, top_k)  # before scoring: fail fast
     reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap,
-                        keep_confidences=pages)
-    if pages:
-        pages = report_html.prepare(reports, store_path, top_k=top_k)
+                        keep_confidences=figures)
+    pages = report_html.prepare(reports, store_path, top_k=top_k) if figures else None
     print_reports(reports, console)
     if out is not None:
         write_reports(reports, out)
         console.print(f"report written to {out}")
-    if pages:
+    if pages is not None:
         report_html.write_all(pages, html=html, plots=plots, console=console)
 
 
