@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the embedded digits default: N reference models, N finetune runs, the score.
+## The main job on the embedded digits default: N reference models, N finetune runs, the score
+## (report.json, and report.html: open it in a browser).
 demo: install
 	$(BIN)/unlearn train-refs --num-models $(N)
 	$(BIN)/unlearn apply --method finetune
-	$(BIN)/unlearn score --out report.json
+	$(BIN)/unlearn score --out report.json --html report.html
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -44,4 +45,4 @@ bench-gpu: install
 	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
 
 clean:
-	rm -rf runs report.json .pytest_cache benchmarks/out
+	rm -rf runs report.json report.html .pytest_cache benchmarks/out

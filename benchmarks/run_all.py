@@ -28,6 +28,7 @@ SCRIPTS = [
     "bench_demo.py",
     "bench_methods.py",
     "bench_cli.py",
+    "bench_report.py",
 ]
 
 

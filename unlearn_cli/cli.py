@@ -319,7 +319,8 @@ def apply_cmd(
     epilog="\b\nExamples:\n"
     "  unlearn score --out report.json\n"
     "  unlearn score --method finetune --metric all --store runs/digits\n"
-    "  unlearn score --method finetune --method reset-head",
+    "  unlearn score --method finetune --method reset-head\n"
+    "  unlearn score --html report.html --plots figures",
 )
 @_boundary
 def score_cmd(
@@ -335,6 +336,14 @@ def score_cmd(
         help="official | seed | seed-converged | lira | klom | all")] = "official",
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", metavar="N", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
+    html: Annotated[Optional[Path], typer.Option(
+        "--html", metavar="FILE", help="Write a self-contained HTML report (tables, figures) here.",
+        show_default=False)] = None,
+    plots: Annotated[Optional[Path], typer.Option(
+        "--plots", metavar="DIR", help="Write every figure as PNG and SVG into this folder.",
+        show_default=False)] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", metavar="K", help="Forget examples shown per method (--html, --plots).")] = 8,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
@@ -345,7 +354,14 @@ def score_cmd(
     _, store_path = _resolve(config, set_, store, {})
     if out is not None and out.is_dir():
         raise UnlearnError(f"--out {out} is a folder; give a file path such as {out}/report.json")
-    reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap)
+    figures = html is not None or plots is not None
+    if figures:
+        from . import report_html
+
+        report_html.check_options(html, plots, top_k)  # before scoring: fail fast
+    reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap,
+                        keep_confidences=figures)
+    pages = report_html.prepare(reports, store_path, top_k=top_k) if figures else None
     from .report import print_reports, write_reports  # rich tables: only once there is a report
 
     print_reports(reports, _console())
@@ -356,6 +372,8 @@ def score_cmd(
     if out is not None:
         write_reports(reports, out)
         _say(f"report written to {out}")
+    if pages is not None:
+        report_html.write_all(pages, html=html, plots=plots, console=_console())
 
 
 @app.command("methods")

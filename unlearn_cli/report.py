@@ -1,12 +1,16 @@
-"""Render reports: rich tables in the terminal, JSON on disk."""
+"""Render reports: rich tables in the terminal, JSON on disk.
+
+The HTML page and the figures live in `report_html.py` and `report_figures.py`; the table rows
+defined here (`table_rows`) are shared by the terminal and the page, so both show the same numbers.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -25,8 +29,125 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _pct(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+class Num(NamedTuple):
+    """One number of a table cell: where it lives in the report, and how it is shown."""
+
+    key: tuple[str | int, ...]  # path into one method's report, e.g. ("ceiling", "share")
+    style: str  # "f2", "f3", "f4" (fixed digits), "pct" (a share as a percentage), "raw"
+
+    def lookup(self, report: dict[str, Any]) -> Any:
+        value: Any = report
+        for part in self.key:
+            value = value[part]
+        return value
+
+    def text(self, report: dict[str, Any]) -> str:
+        value = self.lookup(report)
+        if self.style == "pct":
+            return _pct(value)
+        if self.style.startswith("f"):
+            return _fmt(value, int(self.style[1:]))
+        return _fmt(value)
+
+
+Cell = list  # the parts of a cell: str (shown as is) and Num, in order
+
+
+class Row(NamedTuple):
+    label: str
+    cell: Callable[[dict[str, Any]], Cell]  # a method's report -> its cell (KeyError: "-")
+    alarm: Callable[[dict[str, Any]], bool] | None = None  # shown red when true
+
+
+def _nmodels(r: dict[str, Any]) -> Cell:
+    nm = r["num_models"]
+    if nm["retrained"] == nm["unlearned"]:
+        return [Num(("num_models", "scored"), "raw")]
+    return [Num(("num_models", "scored"), "raw"), " (of ", Num(("num_models", "retrained"), "raw"),
+            "/", Num(("num_models", "unlearned"), "raw"), ")"]
+
+
+def _pair(a: tuple, b: tuple, style: str) -> Callable[[dict[str, Any]], Cell]:
+    return lambda r: [Num(a, style), " / ", Num(b, style)]
+
+
+def _gate(r: dict[str, Any]) -> Cell:
+    cell: Cell = [Num(("runtime", "ratio"), "f3")]
+    if r["runtime"]["over_gate"]:
+        cell += [" > ", Num(("runtime", "gate"), "raw")]
+    return cell
+
+
+def table_rows(reports: Sequence[dict[str, Any]]) -> list[Row]:
+    """The rows of the score table: the terminal and the HTML page show the same ones."""
+    rows = [Row("N models per bank", _nmodels),
+            Row("forget examples", lambda r: [Num(("num_forget_examples",), "raw")])]
+    if any("forget_quality" in r for r in reports):
+        rows += [
+            Row("forget quality F", lambda r: [Num(("forget_quality",), "f4")]),
+            Row("F 95% interval", lambda r: ["[", Num(("forget_quality_interval", 0), "f4"),
+                                             ", ", Num(("forget_quality_interval", 1), "f4"), "]"]),
+            # Same N on both sides of the slash: comparable.
+            Row("F at N/2 / ceiling at N/2", _pair(("ceiling", "method_forget_quality"),
+                                                   ("ceiling", "forget_quality"), "f4")),
+            Row("share of the ceiling", lambda r: [Num(("ceiling", "share"), "f2")]),
+            Row("final score", lambda r: [Num(("final_score",), "f4")]),
+            Row("final score, ratios capped at 1", lambda r: [Num(("final_score_clipped",), "f4")]),
+        ]
+    for key, name in (("seed_metric", "seed"), ("seed_converged", "seed-converged")):
+        if any(key in r for r in reports):
+            rows += [
+                Row(f"{name} metric score", lambda r, k=key: [Num((k, "score"), "f4")]),
+                Row(f"{name}: dropped / above 1", _pair((key, "dropped"), (key, "above_one"),
+                                                        "raw")),
+                Row(f"{name} attack accuracy",
+                    lambda r, k=key: [Num((k, "attack_accuracy"), "pct")]),
+            ]
+    if any("seed_metric" in r or "seed_converged" in r for r in reports):
+        rows.append(Row("simple MIA accuracy", lambda r: [Num(
+            ("seed_metric" if "seed_metric" in r else "seed_converged", "simple_mia_accuracy"),
+            "pct")]))
+    if any("lira" in r for r in reports):
+        rows += [
+            Row("LiRA held-out accuracy (0.5 ideal)",
+                lambda r: [Num(("lira", "balanced_accuracy"), "f3")]),
+            Row("LiRA TPR at 1% / 5% FPR", _pair(("lira", "tpr_at_1pct_fpr"),
+                                                  ("lira", "tpr_at_5pct_fpr"), "f3")),
+            Row("LiRA examples beating chance",
+                lambda r: [Num(("lira", "share_beating_chance"), "pct"), " (~",
+                           Num(("lira", "alpha"), "pct"), " by chance)"]),
+        ]
+    if any("klom" in r for r in reports):
+        for part in ("forget", "test"):
+            rows.append(Row(f"KLOM {part} p95 / mean (0 ideal)",
+                            _pair(("klom", part, "p95"), ("klom", part, "mean"), "f3")))
+    pairs = [("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
+             ("forget_accuracy", "forget acc")]
+    if any("test_accuracy_forgotten_classes" in r["utility"] for r in reports):
+        pairs += [("test_accuracy_remaining_classes", "test acc, remaining classes"),
+                  ("test_accuracy_forgotten_classes", "test acc, forgotten classes")]
+    for key, label in pairs:
+        rows.append(Row(f"{label} unlearned / retrained",
+                        _pair(("utility", key, "unlearned"), ("utility", key, "retrained"), "pct")))
+    rows.append(Row("s per model unlearn / retrain",
+                    _pair(("runtime", "seconds_per_model", "unlearned"),
+                          ("runtime", "seconds_per_model", "retrained"), "f3")))
+    rows.append(Row("runtime ratio (gate 0.2)", _gate, lambda r: r["runtime"]["over_gate"]))
+    return rows
+
+
+def cell_text(row: Row, report: dict[str, Any]) -> str:
+    """A cell as plain text; "-" where the report lacks a value."""
+    try:
+        return "".join(p.text(report) if isinstance(p, Num) else p for p in row.cell(report))
+    except (KeyError, TypeError, IndexError):
+        return "-"
 
 
 def score_table(reports: Sequence[dict[str, Any]]) -> Table:
@@ -35,71 +156,14 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
     table.add_column("", style="bold")
     for rep in reports:
         table.add_column(rep["method"], justify="right")
-
-    def row(label: str, fn) -> None:
+    for row in table_rows(reports):
         cells = []
         for rep in reports:
-            try:
-                cells.append(fn(rep))
-            except (KeyError, TypeError):
-                cells.append("-")
-        table.add_row(label, *cells)
-
-    def nmodels(r: dict) -> str:
-        nm = r["num_models"]
-        same = nm["retrained"] == nm["unlearned"]
-        note = "" if same else f" (of {nm['retrained']}/{nm['unlearned']})"
-        return f"{nm['scored']}{note}"
-
-    row("N models per bank", nmodels)
-    row("forget examples", lambda r: str(r["num_forget_examples"]))
-    if any("forget_quality" in r for r in reports):
-        row("forget quality F", lambda r: _fmt(r["forget_quality"], 4))
-        row("F 95% interval", lambda r: "[{}, {}]".format(
-            *(_fmt(v, 4) for v in r["forget_quality_interval"])))
-        row("F at N/2 / ceiling at N/2", lambda r: "{} / {}".format(  # same N: comparable
-            _fmt(r["ceiling"]["method_forget_quality"], 4),
-            _fmt(r["ceiling"]["forget_quality"], 4)))
-        row("share of the ceiling", lambda r: _fmt(r["ceiling"]["share"], 2))
-        row("final score", lambda r: _fmt(r["final_score"], 4))
-        row("final score, ratios capped at 1", lambda r: _fmt(r["final_score_clipped"], 4))
-    for key, name in (("seed_metric", "seed"), ("seed_converged", "seed-converged")):
-        if any(key in r for r in reports):
-            row(f"{name} metric score", lambda r, k=key: _fmt(r[k]["score"], 4))
-            row(f"{name}: dropped / above 1", lambda r, k=key: "{} / {}".format(
-                r[k]["dropped"], r[k]["above_one"]))
-            row(f"{name} attack accuracy", lambda r, k=key: _pct(r[k]["attack_accuracy"]))
-    if any("seed_metric" in r or "seed_converged" in r for r in reports):
-        row("simple MIA accuracy", lambda r: _pct(
-            (r.get("seed_metric") or r["seed_converged"])["simple_mia_accuracy"]))
-    if any("lira" in r for r in reports):
-        row("LiRA held-out accuracy (0.5 ideal)", lambda r: _fmt(r["lira"]["balanced_accuracy"]))
-        row("LiRA TPR at 1% / 5% FPR", lambda r: "{} / {}".format(
-            _fmt(r["lira"]["tpr_at_1pct_fpr"]), _fmt(r["lira"]["tpr_at_5pct_fpr"])))
-        row("LiRA examples beating chance", lambda r: "{} (~{} by chance)".format(
-            _pct(r["lira"]["share_beating_chance"]), _pct(r["lira"]["alpha"])))
-    if any("klom" in r for r in reports):
-        for part in ("forget", "test"):
-            row(f"KLOM {part} p95 / mean (0 ideal)", lambda r, p=part: "{} / {}".format(
-                _fmt(r["klom"][p]["p95"]), _fmt(r["klom"][p]["mean"])))
-    pairs = [("retain_accuracy", "retain acc"), ("test_accuracy", "test acc"),
-             ("forget_accuracy", "forget acc")]
-    if any("test_accuracy_forgotten_classes" in r["utility"] for r in reports):
-        pairs += [("test_accuracy_remaining_classes", "test acc, remaining classes"),
-                  ("test_accuracy_forgotten_classes", "test acc, forgotten classes")]
-    for key, label in pairs:
-        row(f"{label} unlearned / retrained", lambda r, k=key: "{} / {}".format(
-            _pct(r["utility"][k]["unlearned"]), _pct(r["utility"][k]["retrained"])))
-    row("s per model unlearn / retrain", lambda r: "{} / {}".format(
-        _fmt(r["runtime"]["seconds_per_model"]["unlearned"]),
-        _fmt(r["runtime"]["seconds_per_model"]["retrained"])))
-
-    def gate(r: dict) -> str:
-        rt = r["runtime"]
-        text = _fmt(rt["ratio"], 3)
-        return f"[red]{text} > {rt['gate']}[/red]" if rt["over_gate"] else text
-
-    row("runtime ratio (gate 0.2)", gate)
+            text = cell_text(row, rep)
+            if row.alarm is not None and text != "-" and row.alarm(rep):
+                text = f"[red]{text}[/red]"
+            cells.append(text)
+        table.add_row(row.label, *cells)
     return table
 
 
@@ -129,11 +193,17 @@ def print_reports(reports: Sequence[dict[str, Any]], console: Console) -> None:
             )
 
 
-def write_reports(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """One report object when one method was scored; otherwise {schema, methods: [...]}."""
+def json_document(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What `--out` writes: one report object when one method was scored, otherwise
+    {schema, methods: [...]}; numpy values as plain numbers, NaN and infinities as null."""
     doc = reports[0] if len(reports) == 1 else {"schema": SCHEMA, "methods": list(reports)}
+    return _finite(json.loads(json.dumps(doc, default=_jsonable)))
+
+
+def write_reports(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write `json_document(reports)` to `path` (atomically)."""
     path = Path(path)
-    atomic_write_json(path, _finite(json.loads(json.dumps(doc, default=_jsonable))))
+    atomic_write_json(path, json_document(reports))
     return path
 
 

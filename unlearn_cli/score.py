@@ -104,11 +104,14 @@ def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, se
 
 
 def score_method(store: Store, method: str, *, metric: str = "official", bootstrap: int = 100,
-                 seed: int = 0, references: dict[str, Any] | None = None) -> dict[str, Any]:
+                 seed: int = 0, references: dict[str, Any] | None = None,
+                 keep_confidences: bool = False) -> dict[str, Any]:
     """The report for one stored method (see the README for its fields).
 
     references: every stored reference model's outputs as `_bank` stacks them, when the caller
     scores several methods and loads them once; read from the store otherwise.
+    keep_confidences: also return both banks' forget confidences, `[N, E]` float64 each, under
+    "confidences" (for the HTML report and figures, which take them out before JSON is written).
     """
     exp = store.read_experiment()
     split = store.load_split()
@@ -228,6 +231,8 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
     report["config"] = exp.get("config", {})
     report["versions"] = {"scored_with": versions(), "store": exp.get("versions", {})}
     report["created"] = now()
+    if keep_confidences:
+        report["confidences"] = {"unlearned": u_conf, "retrained": r_conf}
     return report
 
 
@@ -325,7 +330,8 @@ def reading(ceiling: dict[str, Any]) -> str:
 
 
 def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric: str = "official",
-        bootstrap: int = 100, seed: int = 0) -> list[dict[str, Any]]:
+        bootstrap: int = 100, seed: int = 0, keep_confidences: bool = False
+        ) -> list[dict[str, Any]]:
     """Score the named methods (all stored ones by default); one report per method."""
     if bootstrap == 1 or bootstrap < 0:
         raise UnlearnError(f"--bootstrap {bootstrap}: expected 0 (no interval) or at least 2 "
@@ -354,5 +360,5 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
     # The reference bank is the same for every method: read its outputs once.
     references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
     return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
-                         references=references)
+                         references=references, keep_confidences=keep_confidences)
             for m in chosen]

@@ -1,0 +1,403 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display, no pyplot state).
+
+Imported only when `unlearn score --html` or `--plots` asks for figures, since matplotlib takes
+about a second to import. Every function takes JSON-ready reports (`report.json_document`) plus,
+for the per-example figure, the examples `report_html.prepare` picked, and returns a
+`matplotlib.figure.Figure`; `render` turns one into PNG or SVG bytes.
+
+Colours: Paul Tol's colour-blind-safe pair, blue for the reference (retrained) bank, red for the
+unlearned bank; grey for the calibrated ceiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+RETRAINED, UNLEARNED, CEILING, ALARM = "#4477AA", "#EE6677", "#BBBBBB", "#CC3311"
+PNG_DPI = 110  # 8.5 in wide figures -> ~940 px: sharp on a laptop, fine on paper
+STYLE = {
+    "font.size": 8.5,
+    "axes.titlesize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "svg.hashsalt": "unlearn",  # stable element ids: the same report gives the same SVG
+    "svg.fonttype": "path",  # text as outlines: the SVG needs no font
+}
+
+
+def _styled(fn):
+    """Draw under the report's style without changing the caller's matplotlib settings."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+TOP_COLUMNS = 4  # examples per row of the top-k figure
+
+
+@_styled
+def render(fig: Figure, fmt: str) -> bytes:
+    """The figure as PNG or SVG bytes (no date in the metadata, so reruns give equal files)."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)
+    metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+    fig.savefig(buf, format=fmt, dpi=PNG_DPI, metadata=metadata)
+    return buf.getvalue()
+
+
+def _value(report: dict[str, Any], *keys: str | int) -> float:
+    """A number of the report, NaN where it is missing or null."""
+    value: Any = report
+    try:
+        for key in keys:
+            value = value[key]
+    except (KeyError, IndexError, TypeError):
+        return math.nan
+    return math.nan if value is None else float(value)
+
+
+def _methods_axis(ax, names: Sequence[str]) -> np.ndarray:
+    y = np.arange(len(names))[::-1]  # first method on top
+    ax.set_yticks(y, names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    return y
+
+
+# --- (1) forget quality with its interval, beside the calibrated ceiling -------------------------
+@_styled
+def forget_quality(reports: Sequence[dict[str, Any]]) -> Figure:
+    """Left: F at N per method with its bootstrap interval. Right: at N/2 against the same
+    reference halves, the method's F on the ceiling's grey bar, and its share of the ceiling."""
+    names = [r["method"] for r in reports]
+    fig = Figure(figsize=(8.5, 1.3 + 0.32 * len(names)))
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.5 / fig.get_figheight() + 0.05,
+                        top=1 - 0.65 / fig.get_figheight(), wspace=0.45)
+    ax_f, ax_c = fig.subplots(1, 2)
+    y = _methods_axis(ax_f, names)
+    f = np.array([_value(r, "forget_quality") for r in reports])
+    lo = np.array([_value(r, "forget_quality_interval", 0) for r in reports])
+    hi = np.array([_value(r, "forget_quality_interval", 1) for r in reports])
+    has = np.isfinite(lo) & np.isfinite(hi)
+    err = np.vstack([np.where(has, f - lo, 0), np.where(has, hi - f, 0)])
+    ax_f.errorbar(f, y, xerr=err, fmt="o", color=UNLEARNED, ecolor="#444444", capsize=3, ms=5)
+    n = sorted({r["num_models"]["scored"] for r in reports})
+    ax_f.set_title(f"forget quality F at N = {', '.join(map(str, n))}"
+                   + ("\nwith its 95% bootstrap interval" if has.any() else ""), loc="left")
+    ax_f.set_xlabel("F (higher = forgets better)")
+    top = np.nanmax(np.concatenate([f, hi, [0.05]]))
+    ax_f.set_xlim(0, top * 1.15)
+
+    _methods_axis(ax_c, names)
+    ceiling = np.array([_value(r, "ceiling", "forget_quality") for r in reports])
+    method_half = np.array([_value(r, "ceiling", "method_forget_quality") for r in reports])
+    ax_c.barh(y, np.nan_to_num(ceiling), height=0.7, color=CEILING)
+    ax_c.barh(y, np.nan_to_num(method_half), height=0.35, color=UNLEARNED)
+    right = np.nanmax(np.concatenate([ceiling, method_half, [0.05]]))
+    for yi, r, c, m in zip(y, reports, ceiling, method_half):
+        share = _value(r, "ceiling", "share")
+        text = f"share {share:.2f}" if math.isfinite(share) else "no ceiling (N < 6)"
+        ax_c.text(max(np.nan_to_num(c), np.nan_to_num(m)) + right * 0.03, yi, text,
+                  va="center", fontsize=8)
+    ax_c.set_xlim(0, right * 1.45)
+    half = sorted({r["ceiling"]["num_models"] for r in reports if "ceiling" in r})
+    ax_c.set_title(f"at N/2 = {', '.join(map(str, half))}, same reference halves:\n"
+                   "grey = ceiling, red = the method", loc="left")
+    ax_c.set_xlabel("F at N/2")
+    return fig
+
+
+# --- (2) per-example epsilon histogram with the score's buckets ---------------------------------
+EPSILON_BIN = 0.1  # width of the histogram's bins, in epsilon (five per bucket of H)
+
+
+class _EpsilonPanels:
+    """The epsilon histogram's axes and artists for one N, refilled for each method (see
+    `_TopPanels` for why)."""
+
+    def __init__(self, num_models: int):
+        self.last = last = math.ceil(math.log(num_models - 1))  # right end of H's last bucket
+        self.fig = fig = Figure(figsize=(8.5, 2.6))
+        fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.8, wspace=0.08)
+        ax, ax_out = fig.subplots(1, 2, gridspec_kw={"width_ratios": [6, 1]}, sharey=True)
+        self.edges = np.linspace(0.0, float(last), int(round(last / EPSILON_BIN)) + 1)
+        self.hist = ax.stairs(np.zeros(self.edges.size - 1), self.edges, fill=True,
+                              color=UNLEARNED, alpha=0.75)
+        for k in range(int(last / 0.5) + 1):
+            ax.axvline(0.5 * k, color="#777777", lw=0.6, ls=":")
+        for k in range(int(last / 0.5)):
+            weight = "1" if k == 0 else f"1/{2 ** k}"
+            ax.text(0.5 * k + 0.25, 1.01, weight, transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7, color="#555555")
+        ax.set_xlim(0, last)
+        ax.set_xlabel("ε of the best attack on the example (bucket edges every 0.5; H per "
+                      "bucket above)")
+        ax.set_ylabel("forget examples")
+        self.bars = ax_out.bar([0, 1], [0, 0], color=[UNLEARNED, ALARM], width=0.7)
+        ax_out.set_xticks([0, 1], [f"[{last}, 50)", "50 (cap)"])
+        ax_out.set_xlim(-0.6, 1.6)
+        ax_out.set_title("H = 0", fontsize=8)
+        self.axes = ax
+        self.title = fig.suptitle("", x=0.08, ha="left", fontsize=9)
+
+    def fill(self, report: dict[str, Any]) -> Figure:
+        eps = np.asarray(report["per_example"]["epsilon"], dtype=np.float64)
+        counts, _ = np.histogram(eps[eps < self.last], bins=self.edges)
+        self.hist.set_data(counts, self.edges)
+        beyond = int(((eps >= self.last) & (eps < 50)).sum())
+        capped = int((eps >= 50).sum())
+        for bar, height in zip(self.bars, (beyond, capped)):
+            bar.set_height(height)
+        self.axes.set_ylim(0, max(1, int(counts.max(initial=0)), beyond, capped) * 1.05)
+        n = report["num_models"]["scored"]
+        f = _value(report, "forget_quality")
+        self.title.set_text(f"{report['method']}: ε per forget example ({eps.size} examples, "
+                            f"N = {n}); F = mean H = {f:.4f}")
+        return self.fig
+
+
+_EPSILON_LAYOUTS: dict[int, _EpsilonPanels] = {}
+
+
+@_styled
+def epsilon_histogram(report: dict[str, Any]) -> Figure:
+    """Histogram of the per-example epsilons of one method, the buckets of H marked; epsilons
+    past the last bucket (worth 0) and at the cap 50 get their own bars on the right.
+
+    The figure is reused by the next call with the same N: render it before that call.
+    """
+    n = report["num_models"]["scored"]
+    if n not in _EPSILON_LAYOUTS:
+        _EPSILON_LAYOUTS.clear()
+        _EPSILON_LAYOUTS[n] = _EpsilonPanels(n)
+    return _EPSILON_LAYOUTS[n].fill(report)
+
+
+# --- (3) the most distinguishable forget examples -----------------------------------------------
+def _rule_text(rule: dict[str, Any]) -> str:
+    kind, t = rule["kind"], rule["thresholds"]
+    bank = {"unlearned": "U", "retrained": "R"}.get(rule["flags"], "")
+    rates = (f"TPR {rule['true_positive_rate']:.2f}, FPR {rule['false_positive_rate']:.2f}"
+             if kind in ("threshold", "interval") else "")
+    if kind == "threshold":
+        return f"c ≥ {t[0]:.2f} → {bank}\n{rates}"
+    if kind == "interval":
+        return f"{t[0]:.2f} ≤ c ≤ {t[1]:.2f} → {bank}\n{rates}"
+    if kind == "degenerate":
+        return "spread ratio < 1%:\nno attack needed"
+    return "no rule scores above 0\n"
+
+
+HIST_BINS = 30  # bins per example histogram, over the range of both banks
+
+
+class _TopPanels:
+    """The top-k figure's axes and artists, made once per layout and refilled for each method:
+    making axes costs matplotlib more than drawing them, and a report draws this figure once per
+    method (measured: about 2x faster per method than a fresh figure)."""
+
+    def __init__(self, k: int, with_images: bool):
+        cols = min(TOP_COLUMNS, max(k, 1))
+        rows = max(1, math.ceil(k / cols))
+        self.fig = fig = Figure(figsize=(8.5, 0.9 + 2.05 * rows))
+        span = 2 if with_images else 1
+        ratios = [1, 2.6] * cols if with_images else [1] * cols
+        grid = fig.add_gridspec(rows, len(ratios), width_ratios=ratios, left=0.02, right=0.985,
+                                bottom=0.55 / fig.get_figheight(),
+                                top=1 - 0.85 / fig.get_figheight(),
+                                wspace=0.12 if with_images else 0.25, hspace=1.15)
+        self.panels = []
+        zeros, unit = np.zeros(HIST_BINS), np.linspace(0, 1, HIST_BINS + 1)
+        for at in range(k):
+            row, col = divmod(at, cols)
+            panel: dict[str, Any] = {"image": None}
+            if with_images:
+                ax_img = fig.add_subplot(grid[row, span * col])
+                ax_img.set_axis_off()
+                panel["image_axes"] = ax_img
+            ax = fig.add_subplot(grid[row, span * col + span - 1])
+            panel["axes"] = ax
+            panel["retrained"] = ax.stairs(zeros, unit, fill=True, color=RETRAINED, alpha=0.45,
+                                           label="retrained (R)")
+            panel["unlearned"] = ax.stairs(zeros, unit, fill=True, color=UNLEARNED, alpha=0.45,
+                                           label="unlearned (U)")
+            # What the best rule flags: a grey span between two lines, in data x, axes y.
+            panel["span"] = ax.add_patch(Rectangle((0, 0), 0, 1, transform=ax.get_xaxis_transform(),
+                                                   color="#999999", alpha=0.2, lw=0))
+            panel["lines"] = [ax.axvline(0, color="black", lw=1) for _ in range(2)]
+            ax.set_yticks([])
+            ax.spines["left"].set_visible(False)
+            ax.tick_params(labelsize=7)
+            ax.locator_params(axis="x", nbins=4)
+            self.panels.append(panel)
+        if k:
+            handles, labels = self.panels[0]["axes"].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=7.5,
+                       bbox_to_anchor=(0.5, 0.0))
+        self.title = fig.suptitle("", x=0.02, ha="left", fontsize=9)
+
+    def fill(self, report: dict[str, Any], examples: Sequence[dict[str, Any]]) -> Figure:
+        for panel, ex in zip(self.panels, examples):
+            ax = panel["axes"]
+            u = np.asarray(ex["unlearned"], dtype=np.float64)
+            r = np.asarray(ex["retrained"], dtype=np.float64)
+            lo, hi = min(u.min(), r.min()), max(u.max(), r.max())
+            pad = max(0.05 * (hi - lo), 0.05)
+            edges = np.linspace(lo - pad, hi + pad, HIST_BINS + 1)
+            top = 1
+            for key, values in (("retrained", r), ("unlearned", u)):
+                counts, _ = np.histogram(values, bins=edges)
+                panel[key].set_data(counts, edges)
+                top = max(top, int(counts.max()))
+            ax.set_xlim(edges[0], edges[-1])
+            ax.set_ylim(0, top * 1.05)
+            rule = ex["rule"]
+            t = list(rule["thresholds"])
+            if rule["kind"] == "threshold":
+                t = [t[0], edges[-1]]  # flags c >= t: everything to the right
+            shown = [x for x in t if edges[0] <= x <= edges[-1]]
+            span = panel["span"]
+            span.set_visible(len(t) == 2)
+            if len(t) == 2:
+                x0, x1 = max(t[0], edges[0]), min(t[1], edges[-1])
+                span.set_x(x0)
+                span.set_width(max(x1 - x0, 0.0))
+            for line, x in zip(panel["lines"], [*shown[: len(rule["thresholds"])], None, None]):
+                line.set_visible(x is not None)
+                if x is not None:
+                    line.set_xdata([x, x])
+            ax.set_title(f"#{ex['index']} (label {ex['label']})  ε = {ex['epsilon']:.2f}  "
+                         f"H = {ex['score']:g}\n{_rule_text(rule)}", fontsize=6.5, loc="left",
+                         pad=3)
+            if "image_axes" in panel:
+                image = ex.get("image")
+                if panel["image"] is not None:
+                    panel["image"].remove()
+                    panel["image"] = None
+                if image is not None:
+                    img = np.asarray(image)
+                    panel["image"] = panel["image_axes"].imshow(
+                        img, cmap="gray_r" if img.ndim == 2 else None, vmin=0, vmax=1,
+                        interpolation="nearest")
+        self.title.set_text(f"{report['method']}: the {len(examples)} forget examples an "
+                            "attacker singles out best (x: logit-scaled confidence c; grey: what "
+                            "the best rule flags)")
+        return self.fig
+
+
+_TOP_LAYOUTS: dict[tuple[int, bool], _TopPanels] = {}
+
+
+@_styled
+def top_examples(report: dict[str, Any], examples: Sequence[dict[str, Any]]) -> Figure:
+    """One panel per example: both banks' logit-scaled confidences overlaid (histograms), the
+    best attack's threshold(s) marked, and the example's image to its left where there is one.
+
+    examples: dicts with "index", "epsilon", "score", "label", "rule" (a `metrics.BestRule`),
+    "unlearned" and "retrained" (`[N]` confidences) and "image" (`[H, W]` or `[H, W, 3]` floats in
+    [0, 1], or None).
+    The figure is reused by the next call with as many examples: render it before that call.
+    """
+    key = (len(examples), any(e.get("image") is not None for e in examples))
+    if key not in _TOP_LAYOUTS:
+        _TOP_LAYOUTS.clear()  # one layout kept: a report's methods nearly always share it
+        _TOP_LAYOUTS[key] = _TopPanels(*key)
+    return _TOP_LAYOUTS[key].fill(report, examples)
+
+
+# --- (4) forgetting against utility -------------------------------------------------------------
+@_styled
+def forgetting_vs_utility(reports: Sequence[dict[str, Any]]) -> tuple[Figure, str]:
+    """Left: forgetting (share of the ceiling, else F, else the seed score) against the test
+    accuracy ratio, coloured by the runtime ratio, methods over the 0.2 gate ringed. Right: the
+    runtime ratios against the gate. Returns the figure and the name of the forgetting axis."""
+    names = [r["method"] for r in reports]
+    share = np.array([_value(r, "ceiling", "share") for r in reports])
+    f = np.array([_value(r, "forget_quality") for r in reports])
+    seed = np.array([_value(r, "seed_metric", "score") for r in reports])
+    if np.isfinite(share).all():
+        y, what = share, "share of the ceiling (1 = as good as retraining)"
+    elif np.isfinite(f).all():
+        y, what = f, "forget quality F (compare at equal N only)"
+    else:
+        y, what = seed, "seed metric score"
+    x = np.array([_value(r, "utility", "test_accuracy", "ratio") for r in reports])
+    runtime = np.array([_value(r, "runtime", "ratio") for r in reports])
+    gate = next((r["runtime"]["gate"] for r in reports), 0.2)
+    over = np.array([bool(r["runtime"]["over_gate"]) for r in reports])
+
+    fig = Figure(figsize=(8.5, 3.2 + 0.1 * len(names)))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.88, wspace=0.55)
+    ax, ax_t = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    vmax = max(2 * gate, float(np.nanmax(np.append(runtime, 0.0))))
+    dots = ax.scatter(x, y, c=runtime, cmap="viridis", vmin=0, vmax=vmax, s=40, zorder=3,
+                      edgecolors=np.where(over, ALARM, "white"), linewidths=1.8)
+    for xi, yi, name in zip(x, y, names):
+        if math.isfinite(xi) and math.isfinite(yi):
+            ax.annotate(name, (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    ax.margins(x=0.25, y=0.12)  # room for the method names
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.axvline(1.0, color="#777777", lw=0.6, ls=":")
+    if y is share:
+        ax.axhline(1.0, color="#777777", lw=0.6, ls=":")
+    ax.set_xlabel("test accuracy, unlearned / retrained")
+    ax.set_ylabel(what.split(" (")[0])
+    ax.set_title(f"forgetting vs utility; y: {what}", loc="left", fontsize=8)
+    bar = fig.colorbar(dots, ax=ax, pad=0.02, fraction=0.05)
+    bar.set_label("runtime ratio", fontsize=7)
+    bar.ax.axhline(gate, color=ALARM, lw=1.5)
+
+    yy = _methods_axis(ax_t, names)
+    ax_t.barh(yy, np.nan_to_num(runtime), color=np.where(over, ALARM, "#777777"), height=0.6)
+    ax_t.axvline(gate, color=ALARM, lw=1, ls="--")
+    ax_t.text(gate, 1.0, f" gate {gate}", transform=ax_t.get_xaxis_transform(), color=ALARM,
+              fontsize=7, va="bottom")
+    ax_t.set_xlabel("runtime ratio (unlearn / retrain, per model)")
+    ax_t.set_xlim(0, max(1.3 * vmax / 2, 1.1 * float(np.nanmax(np.append(runtime, gate)))))
+    return fig, what
+
+
+# --- (5) the seed variant and the simple MIA beside the official score ---------------------------
+@_styled
+def seed_metrics(reports: Sequence[dict[str, Any]]) -> Figure:
+    """Per method: the official F (when scored), the seed's learned-attack score and the simple
+    MIA accuracy (0.5 = chance), side by side."""
+    names = [r["method"] for r in reports]
+    panels = []
+    if any("forget_quality" in r for r in reports):
+        panels.append(("official F", [_value(r, "forget_quality") for r in reports], None))
+    panels.append(("seed metric score", [_value(r, "seed_metric", "score") for r in reports],
+                   None))
+    panels.append(("simple MIA accuracy (0.5 = chance)",
+                   [_value(r, "seed_metric", "simple_mia_accuracy") for r in reports], 0.5))
+    fig = Figure(figsize=(8.5, 1.2 + 0.3 * len(names)))
+    fig.subplots_adjust(left=0.14, right=0.98, bottom=0.45 / fig.get_figheight() + 0.04,
+                        top=1 - 0.35 / fig.get_figheight(), wspace=0.15)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (title, values, chance) in zip(axes, panels):
+        y = _methods_axis(ax, names)
+        v = np.array(values, dtype=np.float64)
+        ax.barh(y, np.nan_to_num(v), color=UNLEARNED if chance is None else RETRAINED, height=0.6)
+        for yi, vi in zip(y, v):
+            ax.text(np.nan_to_num(vi), yi, f" {vi:.3f}" if math.isfinite(vi) else " n/a",
+                    va="center", fontsize=7)
+        if chance is not None:
+            ax.axvline(chance, color="#555555", lw=0.8, ls="--")
+            ax.set_xlim(0, 1.08)
+        else:
+            ax.set_xlim(0, max(0.05, float(np.nanmax(np.append(v, 0.0)))) * 1.3)
+        ax.set_title(title, loc="left")
+    return fig
