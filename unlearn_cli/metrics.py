@@ -1254,6 +1254,8 @@ def bootstrap_forget_quality(
             f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
             f"unlearned and {r.shape[0]} retrained"
         )
+    if u.shape[1] == 0:
+        raise ValueError("forget quality needs at least one forget example, got 0")
     if num_resamples < 2:
         raise ValueError(f"num_resamples must be at least 2, got {num_resamples}")
     if not 0.0 < level < 1.0:
