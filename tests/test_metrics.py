@@ -182,7 +182,8 @@ def test_softmax_in_float32_would_miss_the_golden_epsilons(e2e):
         conf = np.log(p_true + 1e-45) - np.log(p.sum(axis=1) + 1e-45)
         banks.append(conf.reshape(30, 135))
     eps = per_example_epsilons(*banks)
-    assert np.abs(banks[0] - e2e[f"{case}_unlearned_conf"]).max() < 1e-7
+    near = 1e-7 if GOLDEN_KERNELS else OTHER_KERNEL_CONFIDENCE_TOLERANCE
+    assert np.abs(banks[0] - e2e[f"{case}_unlearned_conf"]).max() < near
     assert (eps != e2e[f"{case}_epsilons"]).sum() >= 1
 
 

@@ -72,6 +72,8 @@ def test_bootstrap_is_seeded_and_checks_its_arguments():
         bootstrap_forget_quality(unlearned, retrained, num_resamples=1)
     with pytest.raises(ValueError, match="same number of models"):
         bootstrap_forget_quality(unlearned, retrained[:20])
+    with pytest.raises(ValueError, match="at least one forget example"):
+        bootstrap_forget_quality(unlearned[:, :0], retrained[:, :0])
 
 
 def _intervals(rng, mean, sd, num_models, draws, resamples):
