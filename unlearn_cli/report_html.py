@@ -116,9 +116,14 @@ def prepare(reports: list[dict[str, Any]], store_root: str | Path,
         if conf is None or "per_example" not in rep or top_k == 0:
             continue
         eps = np.asarray(rep["per_example"]["epsilon"], dtype=np.float64)
-        # Largest epsilon first; among equal ones the earlier forget example (a stable sort).
-        positions = np.argsort(-eps, kind="stable")[:top_k]
-        rules = metrics.best_rules(conf["unlearned"], conf["retrained"], positions, eps)
+        u, r = conf["unlearned"], conf["retrained"]  # [N, E] each
+        # Largest epsilon first. Ties are common (every perfectly separated example sits at the
+        # cap 50): among them, the larger gap between the banks' medians, in units of their
+        # spread (standard deviations, summed), i.e. the clearer picture.
+        gap = np.abs(np.median(u, axis=0) - np.median(r, axis=0)) / (
+            u.std(axis=0) + r.std(axis=0) + 1e-12)
+        positions = np.lexsort((-gap, -eps))[:top_k]
+        rules = metrics.best_rules(u, r, positions, eps)
         tops, shown = [], []
         for pos, rule in zip(positions.tolist(), rules):
             top = {
@@ -130,8 +135,7 @@ def prepare(reports: list[dict[str, Any]], store_root: str | Path,
                 "rule": dict(rule),
             }
             tops.append(top)
-            shown.append({**top, "unlearned": conf["unlearned"][:, pos],
-                          "retrained": conf["retrained"][:, pos], "image": None})
+            shown.append({**top, "unlearned": u[:, pos], "retrained": r[:, pos], "image": None})
         rep["top_examples"] = tops
         examples[rep["method"]] = shown
         wanted[rep["method"]] = shown
