@@ -159,7 +159,7 @@ def test_svhn_reader_maps_10_to_0_and_transposes(tmp_path):
 
 def test_imagefolder_reader_resizes_and_caches(tmp_path, monkeypatch):
     write_imagefolder(tmp_path / "imgs")
-    x, y, n_test, classes, blob = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
+    x, y, n_test, classes, meta = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
     assert classes == ["cat", "dog", "emu"] and x.shape == (33, 3, 16, 16) and n_test == 9
     assert y.tolist() == [0] * 8 + [1] * 8 + [2] * 8 + [0, 0, 0, 1, 1, 1, 2, 2, 2]
     from PIL import Image, ImageOps
@@ -169,7 +169,7 @@ def test_imagefolder_reader_resizes_and_caches(tmp_path, monkeypatch):
                                      method=Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     np.testing.assert_array_equal(x[9], want)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / imagefolder.CACHE_NAME).write_bytes(blob)
+    (tmp_path / "cache" / imagefolder.CACHE_NAME).write_bytes(imagefolder.cache_bytes(x, meta))
     monkeypatch.setattr(imagefolder, "decode", lambda *a: pytest.fail("decoded again"))
     again = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
     np.testing.assert_array_equal(again[0], x)
