@@ -553,3 +553,25 @@ def test_a_module_plugin_is_recorded_and_checked(tmp_path, monkeypatch):
         check_sources(spec)
     with pytest.raises(StoreError, match="changed since the model was made"):
         build_model(spec)
+
+
+def test_a_store_made_before_fingerprints_stays_valid(tmp_path):
+    """An experiment.json as the previous version wrote it (no data record, no model spec, no
+    data.forget or data.image_size keys) is used as it is, and never rewritten."""
+    store = tmp_path / "s"
+    code, out = invoke("train-refs", "--num-models", 1, "--store", store, *COMMON,
+                       *sets("train.epochs=1"))
+    assert code == 0, out
+    exp = json.loads((store / "experiment.json").read_text())
+    for key in ("data", "model_spec"):
+        del exp[key]
+    for key in ("forget", "image_size"):
+        del exp["config"]["data"][key]
+    (store / "experiment.json").write_text(json.dumps(exp))
+    before = (store / "experiment.json").read_bytes()
+    code, out = invoke("train-refs", "--num-models", 2, "--store", store, *COMMON)
+    assert code == 0, out
+    code, out = invoke("apply", "--method", "none", "--store", store, *COMMON)
+    assert code == 0, out
+    assert (store / "experiment.json").read_bytes() == before
+    assert Store(store).done_seeds(REFERENCE) == [0, 1]
