@@ -159,7 +159,7 @@ def test_svhn_reader_maps_10_to_0_and_transposes(tmp_path):
 
 def test_imagefolder_reader_resizes_and_caches(tmp_path, monkeypatch):
     write_imagefolder(tmp_path / "imgs")
-    x, y, n_test, classes, blob = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
+    x, y, n_test, classes, meta = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
     assert classes == ["cat", "dog", "emu"] and x.shape == (33, 3, 16, 16) and n_test == 9
     assert y.tolist() == [0] * 8 + [1] * 8 + [2] * 8 + [0, 0, 0, 1, 1, 1, 2, 2, 2]
     from PIL import Image, ImageOps
@@ -169,7 +169,7 @@ def test_imagefolder_reader_resizes_and_caches(tmp_path, monkeypatch):
                                      method=Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     np.testing.assert_array_equal(x[9], want)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / imagefolder.CACHE_NAME).write_bytes(blob)
+    (tmp_path / "cache" / imagefolder.CACHE_NAME).write_bytes(imagefolder.cache_bytes(x, meta))
     monkeypatch.setattr(imagefolder, "decode", lambda *a: pytest.fail("decoded again"))
     again = imagefolder.load(tmp_path / "imgs", 16, tmp_path / "cache")
     np.testing.assert_array_equal(again[0], x)
@@ -553,3 +553,25 @@ def test_a_module_plugin_is_recorded_and_checked(tmp_path, monkeypatch):
         check_sources(spec)
     with pytest.raises(StoreError, match="changed since the model was made"):
         build_model(spec)
+
+
+def test_a_store_made_before_fingerprints_stays_valid(tmp_path):
+    """An experiment.json as the previous version wrote it (no data record, no model spec, no
+    data.forget or data.image_size keys) is used as it is, and never rewritten."""
+    store = tmp_path / "s"
+    code, out = invoke("train-refs", "--num-models", 1, "--store", store, *COMMON,
+                       *sets("train.epochs=1"))
+    assert code == 0, out
+    exp = json.loads((store / "experiment.json").read_text())
+    for key in ("data", "model_spec"):
+        del exp[key]
+    for key in ("forget", "image_size"):
+        del exp["config"]["data"][key]
+    (store / "experiment.json").write_text(json.dumps(exp))
+    before = (store / "experiment.json").read_bytes()
+    code, out = invoke("train-refs", "--num-models", 2, "--store", store, *COMMON)
+    assert code == 0, out
+    code, out = invoke("apply", "--method", "none", "--store", store, *COMMON)
+    assert code == 0, out
+    assert (store / "experiment.json").read_bytes() == before
+    assert Store(store).done_seeds(REFERENCE) == [0, 1]

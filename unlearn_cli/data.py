@@ -139,15 +139,15 @@ def load_dataset(cfg: DataConfig, cache_dir: str | None = None) -> Dataset:
     if cfg.dataset == "imagefolder":
         from . import imagefolder
 
-        images, labels, test_count, classes, blob = imagefolder.load(cfg.root, cfg.image_size,
+        images, labels, test_count, classes, meta = imagefolder.load(cfg.root, cfg.image_size,
                                                                      cache_dir)
         write = None
-        if blob is not None:
+        if meta is not None:
             def write() -> None:
                 from .store import atomic_write_bytes
 
                 path = Path(cache_dir) / imagefolder.CACHE_NAME
-                atomic_write_bytes(path, blob)
+                atomic_write_bytes(path, imagefolder.cache_bytes(images, meta))
 
         return _from_arrays("imagefolder", images, labels, test_count, len(classes),
                             write_cache=write)

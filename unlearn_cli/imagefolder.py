@@ -128,11 +128,18 @@ def _read_cache(path: Path, key: str, n: int, image_size: int) -> np.ndarray | N
     return images
 
 
+def cache_bytes(images: np.ndarray, meta: dict) -> bytes:
+    """The cache file's content: the pixels and `meta` (holding the key) as an .npz."""
+    buf = io.BytesIO()
+    np.savez(buf, images=images, meta=np.array(json.dumps(meta)))
+    return buf.getvalue()
+
+
 def load(root: str | Path, image_size: int, cache_dir: str | Path | None = None
-         ) -> tuple[np.ndarray, np.ndarray, int, list[str], bytes | None]:
+         ) -> tuple[np.ndarray, np.ndarray, int, list[str], dict | None]:
     """Read the image folder: images uint8 [n_train + n_test, 3, S, S], labels int64, n_test, the
-    class names, and the cache file's bytes when `cache_dir` is given and its cache was missing or
-    stale (the caller writes them where it may write; None otherwise)."""
+    class names, and, when `cache_dir` is given and its cache was missing or stale, the metadata
+    to write a new one with (`cache_bytes`; the caller writes it where it may write), else None."""
     root = Path(root).expanduser()
     classes, paths, labels, n_test = scan(root)
     key = cache_key(root, paths, image_size)
@@ -142,10 +149,7 @@ def load(root: str | Path, image_size: int, cache_dir: str | Path | None = None
         if images is not None:
             return images, labels, n_test, classes, None
     images = np.stack([decode(p, image_size) for p in paths])
-    blob = None
+    meta = None
     if cache is not None:
-        buf = io.BytesIO()
         meta = {"key": key, "root": str(root.resolve()), "classes": classes}
-        np.savez(buf, images=images, meta=np.array(json.dumps(meta)))
-        blob = buf.getvalue()
-    return images, labels, n_test, classes, blob
+    return images, labels, n_test, classes, meta
