@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import Config, check_num_models
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
@@ -37,8 +35,10 @@ class TrainRefsResult:
     rebuilt: int = 0
 
 
-def prepare_split(cfg: Config) -> dict[str, np.ndarray]:
+def prepare_split(cfg: Config) -> dict[str, Any]:
     """The experiment's split with the labels `score` needs (so scoring never loads data)."""
+    import numpy as np
+
     from .data import load_dataset, make_split
 
     labels = load_dataset(cfg.data).y.numpy()
