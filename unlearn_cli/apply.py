@@ -136,13 +136,16 @@ def run(
 
 
 def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data: Any,
-              seed: int) -> tuple[Any, float]:
-    """Run the method once from a fresh copy of the original model; (model, method seconds)."""
+              seed: int) -> tuple[Any, float, float]:
+    """Run the method once from a fresh copy of the original model.
+
+    Returns (model, wall seconds, CPU seconds) of the method's call alone."""
     import torch
     from torch import nn
 
     from .context import Stopwatch
     from .models import build_model
+    from .train_refs import CpuClock
 
     spec = method.spec
     model = build_model(original["model"])
@@ -151,7 +154,7 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
     torch.manual_seed(seed)
     interrupts = Interrupts()
     try:
-        with interrupts, Stopwatch(ctx.device) as watch:
+        with interrupts, Stopwatch(ctx.device) as watch, CpuClock() as cpu:
             result = method.fn(model, data, params, device=ctx.device, seed=seed)
     except UnlearnError:
         raise
@@ -169,7 +172,7 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
             f"method {spec!r} returned {type(result).__name__} at seed {seed}; "
             "it must return the unlearned torch.nn.Module"
         )
-    return result.eval(), watch.seconds
+    return result.eval(), watch.seconds, cpu.seconds
 
 
 def _method_data(ctx: Any) -> Any:
@@ -207,10 +210,10 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             continue
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
-            model, seconds = _run_once(ctx, method, params, original, data, seed)
+            model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
-                              timing="sequential", run_index=seed - UNLEARN_SEED_BASE,
-                              **timing_context())
+                              cpu_seconds=cpu_seconds, timing="sequential",
+                              run_index=seed - UNLEARN_SEED_BASE, **timing_context())
             save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
         except (MethodError, OutputsError) as exc:  # OutputsError: e.g. 20 logits for 10 classes
             failures.append(str(exc))
@@ -243,11 +246,11 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]
     ctx = context({"store": str(store.root), "config": cfg.to_dict()}, slot.local_device())
     data = _method_data(ctx)
-    model, cold = _run_once(ctx, method, params, original, data, unlearn_seed(0))
+    model, cold, _ = _run_once(ctx, method, params, original, data, unlearn_seed(0))
     # The first run in this process pays its warm-up (imports, thread pools, first kernels);
     # stored runs are timed warm. So run it again, timed, when that is cheap; else say so.
     if cold <= DRY_RUN_REPEAT_SECONDS:
-        model, seconds = _run_once(ctx, method, params, original, data, unlearn_seed(0))
+        model, seconds, _ = _run_once(ctx, method, params, original, data, unlearn_seed(0))
         timing = (f"the method's second run in this process (warm, as stored runs are timed); "
                   f"its first took {cold:.2f} s with warm-up")
     else:

@@ -28,17 +28,21 @@ def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = No
           ) -> dict[str, Any]:
     """Stack one bank's outputs: forget/test logits [N, E, C], retain correctness [N, R], ..."""
     parts: dict[str, list[np.ndarray]] = {}
-    walls, timings, loads, threads = [], [], [], []
+    walls, cpus, devices, timings, loads, threads = [], [], [], [], [], []
     for seed in seeds:
         arrays, meta = store.load_outputs(kind, seed, method)
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
         walls.append(float(meta.get("wall_seconds", np.nan)))
+        cpus.append(float(meta.get("cpu_seconds", np.nan)))  # absent in older stores
+        devices.append(str(meta.get("device", "")))
         timings.append(meta.get("timing", "sequential"))
         loads.append(float(meta.get("load_average", np.nan)))  # absent in older stores
         threads.append(meta.get("threads"))
     bank: dict[str, Any] = {k: np.stack(v) for k, v in parts.items()}
     bank["wall_seconds"] = np.asarray(walls)
+    bank["cpu_seconds"] = np.asarray(cpus)
+    bank["device"] = devices
     bank["timing"] = timings
     bank["load_average"] = np.asarray(loads)
     bank["threads"] = threads
@@ -59,21 +63,36 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def _timed(bank: dict[str, Any], alone_only: bool) -> dict[str, Any]:
-    """Seconds per model as the median of the models timed alone (each warm, after the same
-    untimed warm-up on both sides), with the load and threads they were timed under.
+def _kept(bank: dict[str, Any], alone_only: bool) -> tuple[list[int], str]:
+    """The models whose times count: those timed alone (all of them for unlearning runs)."""
+    keep = [i for i, t in enumerate(bank["timing"]) if t == "sequential" or not alone_only]
+    if not keep:  # only ensemble shares (older stores): say that they understate
+        return list(range(len(bank["timing"]))), "share of ensemble training (understates)"
+    return keep, f"median of {len(keep)} models timed alone"
+
+
+def _clock(*sides: tuple[dict[str, Any], list[int]]) -> str:
+    """`cpu` when every counted model of both sides ran on a CPU and has its CPU seconds (then
+    the ratio does not depend on what else the machine ran meanwhile; see
+    train_refs.CpuClock), else `wall`."""
+    for bank, keep in sides:
+        if not all(bank["device"][i] == "cpu" and np.isfinite(bank["cpu_seconds"][i])
+                   for i in keep):
+            return "wall"
+    return "cpu"
+
+
+def _timed(bank: dict[str, Any], keep: list[int], how: str, clock: str) -> dict[str, Any]:
+    """Seconds per model as the median over `keep` (each timed warm, after the same untimed
+    warm-up on both sides) on `clock`, with the load and threads they were timed under.
 
     The median, not the mean: a model that shared its core with a burst of other work is an
     outlier of one, not a shift of the whole bank.
     """
-    keep = [i for i, t in enumerate(bank["timing"]) if t == "sequential" or not alone_only]
-    how = f"median of {len(keep)} models timed alone"
-    if not keep:  # only ensemble shares (older stores): say that they understate
-        keep, how = list(range(len(bank["timing"]))), "share of ensemble training (understates)"
     loads = bank["load_average"][keep]
     threads = sorted({t for t in (bank["threads"][i] for i in keep) if t is not None})
     return {
-        "seconds": float(np.median(bank["wall_seconds"][keep])),
+        "seconds": float(np.median(bank[f"{clock}_seconds"][keep])),
         "how": how,
         "load_average": float(np.median(loads)) if np.isfinite(loads).any() else None,
         "threads": threads,
@@ -177,7 +196,9 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
             "forget_accuracy": float(_accuracy(o_arrays["forget_logits"][None], forget_y)[0]),
         }
 
-    u_time, r_time = _timed(unl, alone_only=False), _timed(refs, alone_only=True)
+    u_keep, r_keep = _kept(unl, alone_only=False), _kept(refs, alone_only=True)
+    clock = _clock((unl, u_keep[0]), (refs, r_keep[0]))
+    u_time, r_time = _timed(unl, *u_keep, clock), _timed(refs, *r_keep, clock)
     u_sec, r_sec = u_time["seconds"], r_time["seconds"]
     runtime_ratio = _ratio(u_sec, r_sec)
     report: dict[str, Any] = {
@@ -218,6 +239,7 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
     report["runtime"] = {
         "seconds_per_model": {"unlearned": u_sec, "retrained": r_sec},
         "retrained_timing": r_time["how"],
+        "clock": clock,  # cpu: CPU seconds of the process (on CPUs); wall: wall seconds
         # What each side was timed under: a ratio of times taken under different loads or
         # thread counts is not a ratio of costs.
         "load_average": {"unlearned": u_time["load_average"],

@@ -36,10 +36,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import Config, diff_sections, from_mapping, identity
 from .errors import OutputsError, StoreError, UnlearnError
+
+
+class _LazyNumpy:
+    """numpy, imported on first use. Answering `--help` or a wrong argument needs the store's
+    paths but none of its arrays; numpy's import is a fifth of such an answer's time."""
+
+    def __getattr__(self, name: str) -> Any:
+        import numpy
+
+        return getattr(numpy, name)
+
+
+np = _LazyNumpy()
 
 SCHEMA = "unlearn.store/1"
 TMP_MARK = ".tmp-"

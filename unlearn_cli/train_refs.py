@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import Config, check_num_models
 from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
@@ -37,10 +35,12 @@ class TrainRefsResult:
     rebuilt: int = 0
 
 
-def prepare_split(cfg: Config, dataset: Any = None) -> dict[str, np.ndarray]:
+def prepare_split(cfg: Config, dataset: Any = None) -> dict[str, Any]:
     """The experiment's split with the labels `score` needs (so scoring never loads data).
 
     dataset: the loaded `data.Dataset` (loaded here when None)."""
+    import numpy as np
+
     from .data import load_dataset, make_split
 
     if dataset is None:
@@ -182,6 +182,27 @@ def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> l
 # ------------------------------------------------------------------ worker side
 
 
+class CpuClock:
+    """CPU seconds this process spends in a block (all its threads; `time.process_time`).
+
+    On a CPU the runtime ratio divides CPU seconds, not wall seconds: on a shared machine the wall
+    time of the same work varies with what else runs (several-fold under a load of 10 on 2
+    cores), while its CPU time barely moves, and train-refs and apply run at different moments.
+    On a GPU, where the work is not the process's CPU time, the ratio divides wall seconds.
+    """
+
+    def __enter__(self) -> CpuClock:
+        import time
+
+        self._start = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        self.seconds = time.process_time() - self._start
+
+
 def timing_context() -> dict[str, Any]:
     """What a wall time was measured under, stored beside it: the machine's 1-minute load
     average and torch's intra-op threads. `score` reports both, for each side of the ratio."""
@@ -230,41 +251,42 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         return
     seed_of = (lambda s: ORIGINAL_SEED) if kind == ORIGINAL else (lambda s: s)
 
-    def train_alone(seed: int) -> tuple[Any, float]:
+    def train_alone(seed: int) -> tuple[Any, float, float]:
         model = fresh_model(ctx.spec, seed, ctx.device)
         if warm_up(model, x, y, **options):  # compiled it just now: start again from the init
             model = fresh_model(ctx.spec, seed, ctx.device)
-        with Stopwatch(ctx.device) as watch:
+        with Stopwatch(ctx.device) as watch, CpuClock() as cpu:
             init_from_data(model, x)  # data-dependent layers (fastnet's whitening), from x only
             fit(model, x, y, seed=seed, **options)
-        return model, watch.seconds
+        return model, watch.seconds, cpu.seconds
 
     warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
 
     # The first model of a job is always trained alone: its wall time is an honest "retrain from
     # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
     first, rest = seeds[0], seeds[1:]
-    model, seconds = train_alone(seed_of(first))
-    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, timing="sequential",
-                      engine="loop", **timing_context())
+    model, seconds, cpu_seconds = train_alone(seed_of(first))
+    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, cpu_seconds=cpu_seconds,
+                      timing="sequential", engine="loop", **timing_context())
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     progress(1)
     if not rest:
         return
     if payload["engine"] == "ensemble":
         models = [init_model(ctx.spec, s).to(ctx.device) for s in rest]
-        with Stopwatch(ctx.device) as watch:
+        with Stopwatch(ctx.device) as watch, CpuClock() as cpu:
             fit_ensemble(models, x, y, seeds=rest, **options)
-        share = watch.seconds / len(rest)
+        share, cpu_share = watch.seconds / len(rest), cpu.seconds / len(rest)
         for seed, model in zip(rest, models):
-            meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
-                              engine="ensemble", ensemble_size=len(rest), **timing_context())
+            meta = provenance(ctx, kind, seed, wall_seconds=share, cpu_seconds=cpu_share,
+                              timing="ensemble-share", engine="ensemble",
+                              ensemble_size=len(rest), **timing_context())
             save_trained(ctx, kind, seed, model, meta)
             progress(1)
         return
     for seed in rest:
-        model, seconds = train_alone(seed)
-        meta = provenance(ctx, kind, seed, wall_seconds=seconds, timing="sequential",
-                          engine="loop", **timing_context())
+        model, seconds, cpu_seconds = train_alone(seed)
+        meta = provenance(ctx, kind, seed, wall_seconds=seconds, cpu_seconds=cpu_seconds,
+                          timing="sequential", engine="loop", **timing_context())
         save_trained(ctx, kind, seed, model, meta)
         progress(1)
