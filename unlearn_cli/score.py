@@ -60,6 +60,10 @@ def _retrain_seconds(bank: dict[str, Any]) -> tuple[float, str]:
     sequential = [w for w, t in zip(bank["wall_seconds"], bank["timing"]) if t == "sequential"]
     if sequential:
         return float(np.mean(sequential)), f"mean of {len(sequential)} models trained alone"
+    shared = [w for w, t in zip(bank["wall_seconds"], bank["timing"]) if t == "shared-gpu"]
+    if shared:
+        return float(np.mean(shared)), (f"mean of {len(shared)} models trained while other "
+                                         "workers shared their GPU (not alone)")
     return float(np.mean(bank["wall_seconds"])), "share of ensemble training (understates)"
 
 

@@ -83,7 +83,10 @@ def run(
         slots = plan_slots(launch.device, workers=launch.workers,
                            workers_per_gpu=launch.workers_per_gpu, num_jobs=count)
         engine = choose_engine(cfg, slots[0].device)
-        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine}
+        from .context import gpu_workers
+
+        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine,
+                "gpu_workers": gpu_workers(slots)}
         jobs = []
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
@@ -121,7 +124,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     weights into it, so a compiled model (train.compile) is compiled once per worker, by `warm_up`,
     before the first timed model.
     """
-    from .context import Stopwatch, context, provenance, save_trained
+    from .context import Stopwatch, context, provenance, save_trained, timing
     from .models import fresh_model, init_from_data, init_model
     from .training import fit, fit_ensemble, recipe, warm_up
 
@@ -148,26 +151,31 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
     first, rest = seeds[0], seeds[1:]
     model, seconds = train_alone(seed_of(first))
-    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, timing="sequential",
-                      engine="loop")
+    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, engine="loop",
+                      **timing(ctx, payload))
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     progress(1)
     if not rest:
         return
     if payload["engine"] == "ensemble":
-        models = [init_model(ctx.spec, s).to(ctx.device) for s in rest]
-        with Stopwatch(ctx.device) as watch:
-            fit_ensemble(models, x, y, seeds=rest, **options)
-        share = watch.seconds / len(rest)
-        for seed, model in zip(rest, models):
-            meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
-                              engine="ensemble", ensemble_size=len(rest))
-            save_trained(ctx, kind, seed, model, meta)
-            progress(1)
+        from .lockstep import groups
+
+        for group in groups(rest, ctx.cfg.train.ensemble_size):  # lockstep, K models at once
+            models = [init_model(ctx.spec, s).to(ctx.device) for s in group]
+            with Stopwatch(ctx.device) as watch:
+                for model in models:
+                    init_from_data(model, x)
+                fit_ensemble(models, x, y, seeds=group, **options)
+            share = watch.seconds / len(group)
+            for seed, model in zip(group, models):
+                meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
+                                  engine="ensemble", ensemble_size=len(group))
+                save_trained(ctx, kind, seed, model, meta)
+                progress(1)
         return
     for seed in rest:
         model, seconds = train_alone(seed)
-        meta = provenance(ctx, kind, seed, wall_seconds=seconds, timing="sequential",
-                          engine="loop")
+        meta = provenance(ctx, kind, seed, wall_seconds=seconds, engine="loop",
+                          **timing(ctx, payload))
         save_trained(ctx, kind, seed, model, meta)
         progress(1)
