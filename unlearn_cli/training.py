@@ -526,6 +526,9 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seeds: Sequenc
         scaler.update()
 
     def graph_step() -> None:
+        # Gradients are None here: under capture backward allocates them from the graph's pool,
+        # and every replay writes (never accumulates) them.
+        opt.zero_grad()
         loss = loss_of(*batch_of(static["idx"], static.get("shift"), static.get("flips")))
         loss.backward()
         opt.step()
@@ -562,7 +565,6 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seeds: Sequenc
                     static["shift"] = sh.clone()
                 if fl is not None:
                     static["flips"] = fl.clone()
-                opt.zero_grad()  # gradients are allocated inside the graph, from its pool
                 try:
                     replay = _Replay(graph_step, device)
                 except Exception as exc:  # noqa: BLE001 - any capture failure: go on eagerly
