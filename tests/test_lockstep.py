@@ -96,3 +96,34 @@ def test_stacked_holds_each_members_batchnorm_statistics_and_frozen_weights():
 def test_groups_of_k():
     assert list(groups([1, 2, 3, 4, 5], 2)) == [[1, 2], [3, 4], [5]]
     assert list(groups([1, 2, 3], 0)) == [[1, 2, 3]]
+
+
+def test_train_refs_with_engine_ensemble_stores_lockstep_members_of_a_conv_net(tmp_path):
+    from test_cifar import CONFIGS, write_archive
+
+    from unlearn_cli import train_refs
+    from unlearn_cli.store import REFERENCE, Store
+
+    root = tmp_path / "data"
+    write_archive(root)
+    cfg = load_config(CONFIGS["fast"], [
+        f"data.root={root}", "data.forget_size=50", "train.epochs=1", "train.batch_size=25",
+        "model.widths=[2,4,4]", "train.engine=ensemble", "train.ensemble_size=2",
+        "launch.workers=1", "launch.device=cpu"])
+    train_refs.run(cfg, tmp_path / "store", num_models=3, inline=True)
+    store = Store(tmp_path / "store")
+    metas = [store.load_outputs(REFERENCE, s)[1] for s in range(3)]
+    assert metas[0]["engine"] == "loop" and metas[0]["timing"] == "sequential"
+    assert [m["engine"] for m in metas[1:]] == ["ensemble", "ensemble"]
+    assert {m["ensemble_size"] for m in metas[1:]} == {2}
+    # Member seed 2 equals seed 2 trained alone on the retain set, as train-refs would loop it.
+    split = store.load_split()
+    x, y, _ = cifar.load(root)
+    xr, yr = torch.from_numpy(x[split["retain"]]), torch.from_numpy(y[split["retain"]])
+    spec = store.load_model(REFERENCE, 2)["model"]
+    alone = init_model(spec, 2)
+    init_from_data(alone, xr)
+    fit(alone, xr, yr, seed=2, **recipe(cfg.train))
+    member = init_model(spec, 2)
+    member.load_state_dict(store.load_model(REFERENCE, 2)["state_dict"])
+    assert_same(member, alone)

@@ -352,3 +352,13 @@ def test_workers_sharing_a_gpu_are_not_recorded_as_sequential():
     seconds, how = _retrain_seconds({"wall_seconds": np.array([4.0, 6.0]),
                                      "timing": ["shared-gpu", "shared-gpu"]})
     assert seconds == 5.0 and "shared their GPU" in how
+
+
+def test_stores_made_before_the_new_train_keys_stay_compatible():
+    from unlearn_cli.config import LATER_DEFAULTS, identity
+
+    now = load_config(None).to_dict()
+    before = {**now, "train": {k: v for k, v in now["train"].items()
+                               if k not in LATER_DEFAULTS["train"]}}
+    assert identity(before) == identity(now)
+    assert identity(load_config(None, ["train.ensemble_size=4"]).to_dict()) != identity(now)

@@ -112,12 +112,20 @@ REFERENCE_SECTIONS = ("data", "model", "train")
 NOT_IDENTITY = {"data": ("root", "download")}
 
 
+# Keys added after stores existed, left out of the identity while they hold these defaults (the
+# behaviour of stores made before them), so that such stores stay compatible and keep their hash.
+LATER_DEFAULTS = {"train": {"padding_mode": "zeros", "flip_mode": "random", "lookahead": False,
+                            "tta": "none", "ensemble_size": 0, "cuda_graph": False}}
+
+
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (as `Config.to_dict()`) that defines an experiment."""
     out = {}
     for section in REFERENCE_SECTIONS:
         skip = NOT_IDENTITY.get(section, ())
-        out[section] = {k: v for k, v in config.get(section, {}).items() if k not in skip}
+        later = LATER_DEFAULTS.get(section, {})
+        out[section] = {k: v for k, v in config.get(section, {}).items()
+                        if k not in skip and not (k in later and later[k] == v)}
     return out
 
 _SECTIONS = {
