@@ -98,6 +98,7 @@ def test_groups_of_k():
     assert list(groups([1, 2, 3], 0)) == [[1, 2, 3]]
 
 
+@pytest.mark.slow  # original + 3 reference models end to end with TTA outputs: ~5-25 s here
 def test_train_refs_with_engine_ensemble_stores_lockstep_members_of_a_conv_net(tmp_path):
     from test_cifar import CONFIGS, write_archive
 
