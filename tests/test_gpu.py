@@ -1,4 +1,5 @@
-"""The CUDA path: bf16 autocast, channels_last, compile once per worker, GPU workers end to end.
+"""The CUDA path: bf16 autocast, fp16 loss scale, channels_last, CUDA-graph steps, lockstep
+ensembles, compile once per worker, GPU workers end to end.
 
 Run with `pytest -m gpu` (benchmarks/gpu_check.sh does, with the benchmark). Every test here is
 skipped, with the reason, where torch sees no CUDA GPU.
@@ -10,10 +11,11 @@ import torch
 from test_cifar import CONFIGS, write_archive
 from typer.testing import CliRunner
 
-from unlearn_cli import cifar
+from unlearn_cli import cifar, training
 from unlearn_cli.augment import crop_flip, draw
 from unlearn_cli.cli import app
 from unlearn_cli.config import load_config
+from unlearn_cli.lockstep import fit_lockstep
 from unlearn_cli.models import fresh_model, init_from_data, init_model, model_spec
 from unlearn_cli.store import REFERENCE, UNLEARNED, Store
 from unlearn_cli.training import fit, per_sample_outputs, recipe, warm_up
@@ -60,7 +62,7 @@ def test_fast_recipe_learns_in_bf16_with_float32_weights_and_batchnorm():
     assert accuracy > 0.9, accuracy
 
 
-def test_fp16_with_its_loss_scale_trains():
+def test_fp16_with_its_dynamic_loss_scale_trains():
     spec, cfg = spec_of("fast")
     x, y = learnable(4096, seed=1)
     model = init_model(spec, 0).to(CUDA)
@@ -71,6 +73,36 @@ def test_fp16_with_its_loss_scale_trains():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert accuracy > 0.5, accuracy
+
+
+def test_cuda_graph_step_equals_eager_steps():
+    spec, cfg = spec_of("resnet18", "model.widths=[8, 16, 16, 32]")
+    x, y = learnable(200, seed=3)  # batch 64: 3 full batches and a partial one (eager)
+    options = {**recipe(cfg.train), "epochs": 3, "batch_size": 64, "precision": "fp32"}
+    with training.exact_float32():  # no TF32: only the capture may differ, and it must not
+        eager = fit(init_model(spec, 1).to(CUDA), x, y, seed=1, **options)
+        graphed = fit(init_model(spec, 1).to(CUDA), x, y, seed=1, cuda_graph=True, **options)
+    assert training.last_run["cuda_graph"] is True, training.last_run
+    for a, b in zip(eager.state_dict().values(), graphed.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_lockstep_members_on_the_gpu_equal_lone_models():
+    spec, cfg = spec_of("resnet18", "model.widths=[8, 16, 16, 32]")
+    x, y = learnable(256, seed=4)
+    options = {**recipe(cfg.train), "epochs": 1, "batch_size": 64, "precision": "fp32"}
+    with training.exact_float32():
+        members = fit_lockstep([init_model(spec, s).to(CUDA) for s in (5, 6)], x, y,
+                               seeds=[5, 6], **options)
+        alone = fit(init_model(spec, 6).to(CUDA), x, y, seed=6, **options)
+    for a, b in zip(members[1].state_dict().values(), alone.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    bf16 = {**options, "precision": "bf16", "cuda_graph": True, "epochs": 2}
+    trained = fit_lockstep([init_model(spec, s).to(CUDA) for s in (5, 6)], x, y, seeds=[5, 6],
+                           **bf16)
+    assert all(torch.isfinite(p).all() for m in trained for p in m.parameters())
 
 
 def test_augmentation_on_gpu_equals_cpu():
@@ -90,17 +122,23 @@ def test_worker_model_is_reused_with_each_seeds_cpu_weights():
         assert torch.equal(b.state_dict()[key].cpu(), value), key
 
 
-def test_compile_happens_once_per_worker_model():
+def test_compile_happens_once_per_worker_and_architecture():
+    from torch._dynamo.utils import counters
+
     spec, cfg = spec_of("fast", "model.widths=[16, 32, 32]")
     x, y = learnable(1024, seed=2)
     options = {**recipe(cfg.train), "epochs": 2, "batch_size": 256, "compile": "default"}
     model = fresh_model(spec, 0, CUDA)
     assert warm_up(model, x, y, **options) is True
+    graphs = counters["stats"]["unique_graphs"]
     model = fresh_model(spec, 0, CUDA)
-    assert warm_up(model, x, y, **options) is False  # compiled already: nothing to do
+    assert warm_up(model, x, y, **options) is False  # warmed up already: nothing to do
     init_from_data(model, x)
     fit(model, x, y, seed=0, **options)
-    assert list(model.__dict__["_unlearn_compiled"]) == ["default"]
+    other = init_model(spec, 1).to(CUDA)  # a new module of the same architecture
+    init_from_data(other, x)
+    fit(other, x, y, seed=1, **options)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
     with torch.no_grad():
         assert torch.isfinite(model(x[:8])).all()
 

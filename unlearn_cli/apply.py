@@ -113,7 +113,10 @@ def run(
                            num_jobs=max(1, len(missing)))
         size = launch.chunk_size or JOB_SIZE
         size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
-        base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec}
+        from .context import gpu_workers
+
+        base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec,
+                "gpu_workers": gpu_workers(slots)}
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
                 {**base, "seeds": chunk}, len(chunk))
@@ -139,13 +142,17 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
               seed: int) -> tuple[Any, float, float]:
     """Run the method once from a fresh copy of the original model.
 
-    Returns (model, wall seconds, CPU seconds) of the method's call alone."""
+    Returns (model, wall seconds, CPU seconds) of the method's call alone. `training.fit` inside
+    the method trains with the experiment's speed options (precision, channels_last, compile,
+    cuda_graph), as the reference models it is timed against were.
+    """
     import torch
     from torch import nn
 
     from .context import Stopwatch
     from .models import build_model
     from .train_refs import CpuClock
+    from .training import speed_options
 
     spec = method.spec
     model = build_model(original["model"])
@@ -154,7 +161,8 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
     torch.manual_seed(seed)
     interrupts = Interrupts()
     try:
-        with interrupts, Stopwatch(ctx.device) as watch, CpuClock() as cpu:
+        with interrupts, speed_options(**data.speed), Stopwatch(ctx.device) as watch, \
+                CpuClock() as cpu:
             result = method.fn(model, data, params, device=ctx.device, seed=seed)
     except UnlearnError:
         raise
@@ -177,7 +185,7 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
 
 def _method_data(ctx: Any) -> Any:
     from .methods.api import UnlearnData
-    from .training import recipe
+    from .training import recipe, speed_of
 
     forget_x, forget_y = ctx.subset("forget")
     retain_x, retain_y = ctx.subset("retain")
@@ -185,14 +193,14 @@ def _method_data(ctx: Any) -> Any:
     # The spec and recipe of the reference models: `retrain` (the oracle) rebuilds them exactly.
     return UnlearnData(forget_x, forget_y, retain_x, retain_y, ctx.num_classes,
                        model_spec=ctx.spec, train_recipe=recipe(ctx.cfg.train),
-                       valid_x=valid_x, valid_y=valid_y)
+                       valid_x=valid_x, valid_y=valid_y, speed=speed_of(ctx.cfg.train))
 
 
 def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
     """Run the method once per seed of the job and store each result; runs in a worker."""
-    from .context import context, provenance, save_trained
+    from .context import context, provenance, save_trained, timing
     from .train_refs import timing_context, warm_steps
-    from .training import recipe
+    from .training import recipe, warm_up_method
 
     ctx = context(payload, device)
     spec = payload["method"]
@@ -203,6 +211,10 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     # The same untimed warm-up as train-refs does before its first timed model, so that both
     # sides of the runtime ratio are timed warm.
     warm_steps(ctx, recipe(ctx.cfg.train))
+    todo = [s for s in payload["seeds"] if not ctx.store.is_done(UNLEARNED, s, spec)]
+    if todo:  # on a GPU: autotuning and compilation untimed, once per worker and method
+        warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
+                       ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
     for seed in payload["seeds"]:
         if ctx.store.is_done(UNLEARNED, seed, spec):
@@ -212,8 +224,8 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         try:
             model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
-                              cpu_seconds=cpu_seconds, timing="sequential",
-                              run_index=seed - UNLEARN_SEED_BASE, **timing_context())
+                              cpu_seconds=cpu_seconds, run_index=seed - UNLEARN_SEED_BASE,
+                              **timing(ctx, payload), **timing_context())
             save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
         except (MethodError, OutputsError) as exc:  # OutputsError: e.g. 20 logits for 10 classes
             failures.append(str(exc))
@@ -271,7 +283,8 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
         "seed": unlearn_seed(0),
         "device": str(ctx.device),
         "original": {**accuracies(stored), "seconds": float(meta.get("wall_seconds", np.nan))},
-        "unlearned": {**accuracies(per_sample_outputs(model, ctx.x, ctx.y, split)),
+        "unlearned": {**accuracies(per_sample_outputs(model, ctx.x, ctx.y, split,
+                                                      tta=cfg.train.tta)),
                       "seconds": seconds},
         "timing": {"unlearned": timing,
                    "original": "its training as train-refs timed it (on the whole train set)"},

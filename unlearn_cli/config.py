@@ -93,12 +93,20 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (to 0) | triangle (airbench: 0.2x -> 1x at 23% -> 0.07x)
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0 = off
     drop_last: bool = False  # skip each epoch's last partial batch (fixed shapes for compile)
-    crop_padding: int = 0  # pixels of zero padding before a random crop back to size; 0 = off
-    flip: bool = False  # random horizontal flip of each training image
+    crop_padding: int = 0  # pixels of padding before a random crop back to size; 0 = off
+    padding_mode: str = "zeros"  # zeros (torchvision's) | reflect (airbench94's)
+    flip: bool = False  # horizontal flips of the training images
+    flip_mode: str = "random"  # random (a coin per image and epoch) | alternate (airbench94)
+    lookahead: bool = False  # airbench94's lookahead (slow weights from epoch 3), see training.py
+    # Test-time augmentation of the stored outputs: none | flip | flip-translate (6 views). With it,
+    # the metric reads every model's TTA logits.
+    tta: str = "none"
+    ensemble_size: int = 0  # engine ensemble: models per lockstep group; 0 = a job's all at once
     # Speed only; ignored on CPU, where training stays plain float32 and eager.
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; weights, BatchNorm stay fp32)
     channels_last: bool = False  # NHWC memory layout on CUDA (faster convolutions in bf16/fp16)
     compile: str = "none"  # none | default | reduce-overhead | max-autotune: torch.compile on CUDA
+    cuda_graph: bool = False  # capture each fixed-shape training step as a CUDA graph (CUDA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +167,8 @@ ADDED_LATER: dict[str, dict[str, Any]] = {
     "model": {"widths": []},
     "train": {"nesterov": True, "schedule": "cosine", "label_smoothing": 0.0, "drop_last": False,
               "crop_padding": 0, "flip": False, "precision": "fp32", "channels_last": False,
-              "compile": "none"},
+              "compile": "none", "padding_mode": "zeros", "flip_mode": "random",
+              "lookahead": False, "tta": "none", "ensemble_size": 0, "cuda_graph": False},
 }
 # The later keys that stores of version 0.1.0 (the first to record config hashes) hashed whatever
 # their value: `identity_hashes` accepts that form too, so those stores keep their identity.
@@ -340,6 +349,16 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need((t.crop_padding == 0 and not t.flip) or d.dataset != "digits", "train.crop_padding",
          f"0 and train.flip false for {d.dataset} (crop and flip need images)",
          f"crop_padding={t.crop_padding}, flip={t.flip}")
+    need(t.padding_mode in ("zeros", "reflect"), "train.padding_mode", "zeros or reflect",
+         t.padding_mode)
+    need(t.flip_mode in ("random", "alternate"), "train.flip_mode", "random or alternate",
+         t.flip_mode)
+    need(t.tta in ("none", "flip", "flip-translate"), "train.tta", "none, flip or flip-translate",
+         t.tta)
+    need(t.tta == "none" or d.dataset == "cifar10", "train.tta",
+         f"none for {d.dataset} (test-time flips and shifts need images)", t.tta)
+    need(t.ensemble_size >= 0, "train.ensemble_size", "an integer >= 0 (0 = automatic)",
+         t.ensemble_size)
     need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16",
          t.precision)
     need(t.compile in ("none", "default", "reduce-overhead", "max-autotune"), "train.compile",

@@ -90,7 +90,7 @@ def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dic
     A model whose outputs are not finite (it diverged) is refused before anything is written:
     stored, it would make `score` fail for every method of the store.
     """
-    outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split)
+    outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split, tta=ctx.cfg.train.tta)
     if not all(np.isfinite(outputs[k]).all() for k in ("forget_logits", "test_logits")):
         who = f"method {method!r}" if method else f"{kind} training"
         raise MethodError(
@@ -100,6 +100,37 @@ def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dic
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ctx.store.save_model(kind, seed, state, meta, method=method, model_spec=ctx.spec)
     ctx.store.save_outputs(kind, seed, outputs, meta, method=method)
+
+
+def gpu_workers(slots: list[Any]) -> int:
+    """The most worker slots that share one GPU (1 on CPU): for the payloads' timing labels."""
+    counts: dict[int, int] = {}
+    for slot in slots:
+        if slot.gpu >= 0:
+            counts[slot.gpu] = counts.get(slot.gpu, 0) + 1
+    return max(counts.values(), default=1)
+
+
+def mps_active() -> bool:
+    """Whether an NVIDIA MPS control daemon is reachable (its pipe directory has a control pipe):
+    then processes on one GPU run kernels concurrently instead of taking turns."""
+    import os
+
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
+def timing(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """How a model's wall time was measured, for its metadata (`score` reads `timing`).
+
+    sequential: the model had its device to itself (as far as this run's workers go). shared-gpu:
+    `gpu_workers` worker processes were running on the same GPU, taking turns without MPS
+    (`mps` false) or overlapping with it: that wall time is not a model's time alone.
+    """
+    sharing = int(payload.get("gpu_workers", 1))
+    if ctx.device.type != "cuda" or sharing <= 1:
+        return {"timing": "sequential"}
+    return {"timing": "shared-gpu", "gpu_workers": sharing, "mps": mps_active()}
 
 
 class Stopwatch:

@@ -136,7 +136,10 @@ def run(
         slots = plan_slots(launch.device, workers=launch.workers,
                            workers_per_gpu=launch.workers_per_gpu, num_jobs=count)
         engine = choose_engine(cfg, slots[0].device)
-        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine}
+        from .context import gpu_workers
+
+        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine,
+                "gpu_workers": gpu_workers(slots)}
         jobs = []
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
@@ -237,7 +240,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     weights into it, so a compiled model (train.compile) is compiled once per worker, by `warm_up`,
     before the first timed model.
     """
-    from .context import Stopwatch, context, provenance, save_trained
+    from .context import Stopwatch, context, provenance, save_trained, timing
     from .models import fresh_model, init_from_data, init_model
     from .training import fit, fit_ensemble, recipe, warm_up
 
@@ -267,26 +270,31 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     first, rest = seeds[0], seeds[1:]
     model, seconds, cpu_seconds = train_alone(seed_of(first))
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                      timing="sequential", engine="loop", **timing_context())
+                      engine="loop", **timing(ctx, payload), **timing_context())
     save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     progress(1)
     if not rest:
         return
     if payload["engine"] == "ensemble":
-        models = [init_model(ctx.spec, s).to(ctx.device) for s in rest]
-        with Stopwatch(ctx.device) as watch, CpuClock() as cpu:
-            fit_ensemble(models, x, y, seeds=rest, **options)
-        share, cpu_share = watch.seconds / len(rest), cpu.seconds / len(rest)
-        for seed, model in zip(rest, models):
-            meta = provenance(ctx, kind, seed, wall_seconds=share, cpu_seconds=cpu_share,
-                              timing="ensemble-share", engine="ensemble",
-                              ensemble_size=len(rest), **timing_context())
-            save_trained(ctx, kind, seed, model, meta)
-            progress(1)
+        from .lockstep import groups
+
+        for group in groups(rest, ctx.cfg.train.ensemble_size):  # lockstep, K models at once
+            models = [init_model(ctx.spec, s).to(ctx.device) for s in group]
+            with Stopwatch(ctx.device) as watch, CpuClock() as cpu:
+                for model in models:
+                    init_from_data(model, x)
+                fit_ensemble(models, x, y, seeds=group, **options)
+            share, cpu_share = watch.seconds / len(group), cpu.seconds / len(group)
+            for seed, model in zip(group, models):
+                meta = provenance(ctx, kind, seed, wall_seconds=share, cpu_seconds=cpu_share,
+                                  timing="ensemble-share", engine="ensemble",
+                                  ensemble_size=len(group), **timing_context())
+                save_trained(ctx, kind, seed, model, meta)
+                progress(1)
         return
     for seed in rest:
         model, seconds, cpu_seconds = train_alone(seed)
         meta = provenance(ctx, kind, seed, wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                          timing="sequential", engine="loop", **timing_context())
+                          engine="loop", **timing(ctx, payload), **timing_context())
         save_trained(ctx, kind, seed, model, meta)
         progress(1)

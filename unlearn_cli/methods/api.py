@@ -9,6 +9,13 @@
   built-in methods, a plain dict for plugins;
 - device: a `torch.device`; seed: an int that must decide all of the method's randomness.
 
+Speed: `training.fit` called inside a method trains with the experiment's speed options
+(`train.precision`, `channels_last`, `compile`, `cuda_graph`; `apply` sets them around every run,
+see `training.speed_options`), so a method is timed under the settings the reference models were.
+They are in `data.speed` too; a method with a training loop of its own can use
+`training.autocast(device)` for the experiment's precision (bf16 needs no loss scale; for fp16 see
+`training.LossScaler`).
+
 Below it, small helpers the built-in methods share: `child_seed` (independent random streams of a
 run), `reinitialise` (fresh weights from a seed), `logits` (outputs without gradients, in
 chunks), `batches` (one shuffled pass of index batches), `weight_layers` (the conv layers, or the
@@ -45,6 +52,9 @@ class UnlearnData:
     # none (the default).
     valid_x: torch.Tensor | None = None  # [V, *input_shape]
     valid_y: torch.Tensor | None = None  # [V] int64
+    # The experiment's speed options (`training.speed_of`): precision, channels_last, compile,
+    # cuda_graph. Empty when the caller does not pass them (then fit's own defaults apply).
+    speed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in ("forget", "retain", "valid"):

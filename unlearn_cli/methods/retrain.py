@@ -37,9 +37,11 @@ def unlearn(model: nn.Module, data: UnlearnData, params: Params, *, device, seed
     train = data.train_recipe if data.train_recipe is not None else recipe(TrainConfig())
     # The same seed initialises the weights and orders the data, as `train-refs` does.
     if data.model_spec is not None:
-        from ..models import init_from_data, init_model
+        from ..models import fresh_model, init_from_data
 
-        model = init_model(dict(data.model_spec), seed).to(device)
+        # The worker's one module for this spec, with this seed's initial weights: no new module
+        # (and no recompilation under train.compile) per run, as in train-refs.
+        model = fresh_model(dict(data.model_spec), seed, device)
         init_from_data(model, data.retain_x)  # data-dependent layers, from the retain set only
     else:
         reinitialise(model, seed)
