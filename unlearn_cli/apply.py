@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import Config
 from .errors import MethodError, StoreError, UnlearnError
-from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
+from .launch import Job, JobOutcome, plan, plan_slots, raise_failures, run_jobs
 from .methods import check_method_sections, is_plugin, method_params, resolve
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
@@ -79,9 +79,7 @@ def run(
         done = set(store.done_seeds(UNLEARNED, method_spec))
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
-        slots = plan_slots(launch.device, workers=launch.workers,
-                           workers_per_gpu=launch.workers_per_gpu,
-                           num_jobs=max(1, len(missing)))
+        slots = plan(launch, num_jobs=max(1, len(missing)))
         size = launch.chunk_size or JOB_SIZE
         size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
         base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec}

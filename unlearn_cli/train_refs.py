@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
-from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
+from .launch import Job, JobOutcome, plan, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -80,8 +80,7 @@ def run(
         need_original = not store.is_done(ORIGINAL)
         count = len(missing) + int(need_original)
         launch = cfg.launch
-        slots = plan_slots(launch.device, workers=launch.workers,
-                           workers_per_gpu=launch.workers_per_gpu, num_jobs=count)
+        slots = plan(launch, num_jobs=count)
         engine = choose_engine(cfg, slots[0].device)
         base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine}
         jobs = []
