@@ -9,7 +9,7 @@ N      ?= 100
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c "import unlearn_cli, torch, sklearn, typer"
 	touch $(STAMP)
 
@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_attacks.py
 	$(BIN)/python benchmarks/bench_demo.py
+	$(BIN)/python benchmarks/bench_ray.py
 	$(BIN)/python benchmarks/bench_methods.py
 
 ## GPU tests + GPU benchmark in <= 8 minutes; results in $$UNLEARN_BENCH_OUT (default benchmarks/out)

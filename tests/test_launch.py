@@ -1,4 +1,5 @@
 import os
+import sys
 import time
 
 import pytest
@@ -137,3 +138,29 @@ def test_threads_per_job_do_not_depend_on_the_worker_count(monkeypatch):
                             on_result=lambda job_id, item, got=got: got.append(item) or True)
         assert all(o.ok for o in outcomes)
         assert len(got) == 4 and {r["threads"] for r in got} == {want}
+
+
+def test_backend_ray_without_ray_installed_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from unlearn_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    result = CliRunner().invoke(app, ["train-refs", "--num-models", "2", "--store",
+                                      str(tmp_path / "s"), "--backend", "ray"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "pip install 'unlearn-cli[ray]'" in lines[0] and "--backend local" in lines[0]
+    assert not (tmp_path / "s" / "reference").exists()
+
+
+def test_bad_backend_is_refused_with_the_valid_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from unlearn_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train-refs", "--num-models", "2", "--store",
+                                      str(tmp_path / "s"), "--backend", "slurm"])
+    assert result.exit_code == 1
+    assert "launch.backend: expected local or ray, got 'slurm'" in result.output

@@ -7,7 +7,7 @@ its per-sample outputs and the wall time of the method alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def run(
     store = Store(store_root)
     refs = check_ready(store)
     store.check_compatible(cfg)
-    store.load_model(ORIGINAL)  # a damaged original checkpoint fails here, before any worker
+    original = store.load_model(ORIGINAL)  # a damaged checkpoint fails here, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
         "name": method_spec,
@@ -82,7 +82,7 @@ def run(
         slots = plan(launch, num_jobs=max(1, len(missing)))
         size = launch.chunk_size or JOB_SIZE
         size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
-        base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec}
+        base = {"config": cfg.to_dict(), "method": method_spec}
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
                 {**base, "seeds": chunk}, len(chunk))
@@ -90,7 +90,15 @@ def run(
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
-        outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
+        from .context import store_trained
+        from .train_refs import shared_inputs
+
+        # Workers get the original model with the data (once per worker or Ray node), not a path.
+        shared = {**shared_inputs(cfg, store.load_split()), "original": original}
+        outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
+                            shared=shared, inline=inline,
+                            on_result=lambda job_id, trained: store_trained(store, trained),
+                            on_event=on_event)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
     return ApplyResult(store.root, method_spec, missing, reused, outcomes)
@@ -141,31 +149,30 @@ def _method_data(ctx: Any) -> Any:
                        model_spec=ctx.spec, train_recipe=recipe(ctx.cfg.train))
 
 
-def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Run the method once per seed of the job and store each result; runs in a worker."""
-    from .context import context, provenance, save_trained
+def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None],
+              shared: dict[str, Any]) -> Iterator[Any]:
+    """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
+    driver stores it); runs in a worker."""
+    from .context import context, finish_model, provenance
 
-    ctx = context(payload, device)
+    ctx = context(payload, device, shared)
     spec = payload["method"]
     method = resolve(spec)
     params = method_params(method, ctx.cfg)
-    original = ctx.store.load_model(ORIGINAL)
+    original = shared["original"]
     data = _method_data(ctx)
     failures: list[str] = []
     for seed in payload["seeds"]:
-        if ctx.store.is_done(UNLEARNED, seed, spec):
-            progress(1)
-            continue
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
             model, seconds = _run_once(ctx, method, params, original, data, seed)
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               timing="sequential", run_index=seed - UNLEARN_SEED_BASE)
-            save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
+            trained = finish_model(ctx, UNLEARNED, seed, model, meta, method=spec)
         except MethodError as exc:
             failures.append(str(exc))
             continue
-        progress(1)
+        yield trained
     if failures:
         more = f" (and {len(failures) - 1} more seed(s) of this job)" if len(failures) > 1 else ""
         raise MethodError(failures[0] + more)
@@ -179,6 +186,8 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     import numpy as np
 
     from .context import context
+    from .launch import resolve_shared
+    from .train_refs import shared_inputs
     from .training import per_sample_outputs
 
     method = resolve(method_spec)
@@ -190,7 +199,8 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     original = store.load_model(ORIGINAL)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]
-    ctx = context({"store": str(store.root), "config": cfg.to_dict()}, slot.local_device())
+    shared = resolve_shared(shared_inputs(cfg, store.load_split()))
+    ctx = context({"config": cfg.to_dict()}, slot.local_device(), shared)
     model, seconds = _run_once(ctx, method, params, original, _method_data(ctx), unlearn_seed(0))
     split = ctx.split
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -67,6 +68,17 @@ WorkersPerGpuOpt = Annotated[
     Optional[int],
     typer.Option("--workers-per-gpu", help="Long-lived workers per GPU.", show_default=False),
 ]
+BackendOpt = Annotated[
+    Optional[str],
+    typer.Option("--backend", help="local (processes on this machine) | ray (a Ray cluster; "
+                 "default: launch.backend, local).", show_default=False),
+]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option("--address", help="Ray: auto (RAY_ADDRESS or a running `ray start`) | local "
+                 "(a private instance) | HOST:PORT (default: launch.address, auto).",
+                 show_default=False),
+]
 
 
 def _boundary(fn):
@@ -79,7 +91,8 @@ def _boundary(fn):
         except UnlearnError as exc:
             if os.environ.get("UNLEARN_TRACEBACK"):
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # a path the user gave: a folder, no permission, a full disk
             if os.environ.get("UNLEARN_TRACEBACK"):
@@ -145,6 +158,8 @@ class _Bar:
             return
         if kind == "progress":
             self.progress.advance(self.task, value)
+        elif kind == "cluster":
+            self.progress.console.print(value)
         elif kind == "finished" and not value.ok:
             self.failed += 1
             self.progress.console.print(f"[red]job {job_id} failed:[/red] {value.error}")
@@ -159,7 +174,8 @@ class _Bar:
     epilog="Examples:\n\n"
     "  unlearn train-refs --num-models 100\n\n"
     "  unlearn train-refs --num-models 8 --store runs/quick --set train.epochs=5\n\n"
-    "  unlearn train-refs --config configs/digits.yaml --device cuda:0,1 --workers-per-gpu 4",
+    "  unlearn train-refs --config configs/digits.yaml --device cuda:0,1 --workers-per-gpu 4\n\n"
+    "  unlearn train-refs --backend ray --address auto --num-models 512",
 )
 @_boundary
 def train_refs_cmd(
@@ -171,6 +187,8 @@ def train_refs_cmd(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Train the original model on the whole training set and N reference models on the retain set.
 
@@ -178,7 +196,8 @@ def train_refs_cmd(
     """
     from . import train_refs
 
-    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
+    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu,
+              "backend": backend, "address": address}
     cfg, store_path = _resolve(config, set_, store, launch)
     bar = _Bar("training")
     try:
@@ -214,6 +233,8 @@ def apply_cmd(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Run the method once, print accuracies and time next to the "
         "original's, store nothing.")] = False,
@@ -221,7 +242,8 @@ def apply_cmd(
     """Run an unlearning method N times from the original checkpoint, each with its own seed."""
     from . import apply
 
-    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
+    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu,
+              "backend": backend, "address": address}
     cfg, store_path = _resolve(config, set_, store, launch)
     if dry_run:
         from .report import dry_run_table

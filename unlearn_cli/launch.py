@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .errors import JobsFailed, UnlearnError
@@ -201,32 +201,65 @@ def resolve_shared(shared: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {k: v.compute() if isinstance(v, Lazy) else v for k, v in shared.items()}
 
 
-def run_job_here(job: Job, device: str, send: Callable[[str, Any], None],
-                 shared: Mapping[str, Any] | Callable[[], Any] | None = None) -> JobOutcome:
-    """Run one job in this process, turning an exception into a failed outcome.
+def job_messages(job: Job, device: str,
+                 shared: Mapping[str, Any] | Callable[[], Any] | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """Run one job in this process as a stream of messages; every backend runs jobs through here.
 
-    send("result", item) for each item the target yields, send("progress", n) for what it reports.
-    shared: the run's shared inputs, or a function that computes them (so that a failure to
-    compute them fails this job). Both backends run every job through here, so a job fails the
-    same way wherever it runs.
+    Yields ("progress", n) for what the target reports, ("result", item) for each item it yields,
+    and last ("finished", JobOutcome): an exception (even sys.exit) becomes a failed outcome
+    tagged with the job's id, so a job fails the same way wherever it runs. shared: the run's
+    shared inputs, or a function that computes them (a failure to compute them fails the job).
     """
     start = time.perf_counter()
-    kwargs: dict[str, Any] = {"device": device, "progress": lambda n: send("progress", n)}
+    reported: list[int] = []
+    items: Iterator[Any] = iter(())
+    outcome: JobOutcome | None = None
+
+    def failed(exc: BaseException) -> JobOutcome:
+        msg = str(exc) if isinstance(exc, UnlearnError) else _one_line(exc)
+        return JobOutcome(job.id, False, time.perf_counter() - start, msg, traceback.format_exc())
+
     try:
-        if callable(shared):
-            shared = shared()
-        if shared is not None:
-            kwargs["shared"] = shared
+        inputs = shared() if callable(shared) else shared
+        kwargs: dict[str, Any] = {"device": device, "progress": reported.append}
+        if inputs is not None:
+            kwargs["shared"] = inputs
         produced = resolve_target(job.target)(job.payload, **kwargs)
         if produced is not None:  # a generator: one item per finished model
-            for item in produced:
-                send("result", item)
+            items = iter(produced)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing job (even sys.exit) must not stop others
-        msg = str(exc) if isinstance(exc, UnlearnError) else _one_line(exc)
-        return JobOutcome(job.id, False, time.perf_counter() - start, msg, traceback.format_exc())
-    return JobOutcome(job.id, True, time.perf_counter() - start)
+        outcome = failed(exc)
+    # The yields stay outside the try blocks: what the consumer does with a message is not the job.
+    while outcome is None:
+        try:
+            item = next(items)
+        except StopIteration:
+            outcome = JobOutcome(job.id, True, time.perf_counter() - start)
+            break
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            outcome = failed(exc)
+            break
+        while reported:
+            yield "progress", reported.pop(0)
+        yield "result", item
+    while reported:
+        yield "progress", reported.pop(0)
+    yield "finished", outcome
+
+
+def run_job_here(job: Job, device: str, send: Callable[[str, Any], None],
+                 shared: Mapping[str, Any] | Callable[[], Any] | None = None) -> JobOutcome:
+    """Run one job in this process: send(kind, value) for its messages; return its outcome."""
+    for kind, value in job_messages(job, device, shared):
+        if kind == "finished":
+            return value
+        send(kind, value)
+    raise AssertionError("job_messages always ends with a finished message")  # pragma: no cover
 
 
 def run_jobs(
@@ -253,7 +286,7 @@ def run_jobs(
     emit = on_event or (lambda kind, job_id, value: None)
     keep = on_result or (lambda job_id, item: True)
     backend = check_backend(backend)
-    if backend == "ray":
+    if backend == "ray" and jobs:
         from . import launch_ray
 
         return launch_ray.run_jobs(jobs, slots, address=address, shared=shared, on_result=keep,

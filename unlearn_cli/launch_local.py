@@ -35,8 +35,8 @@ from .launch import (
     JobOutcome,
     ResultFn,
     Slot,
+    job_messages,
     resolve_shared,
-    run_job_here,
     set_threads,
 )
 
@@ -111,8 +111,15 @@ def _worker_main(slot: Slot, jobs: Any, messages: Any, shared: Mapping[str, Any]
         if job is None:
             return
         set_threads(slot.threads)
-        outcome = run_job_here(job, slot.device, lambda k, v, _id=job.id: send(k, _id, v), inputs)
-        send("finished", job.id, outcome)
+        messages = job_messages(job, slot.device, inputs)
+        for kind, value in messages:
+            try:
+                send(kind, job.id, value)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:  # cannot be sent
+                messages.close()
+                send("finished", job.id, JobOutcome(job.id, False, 0.0, f"its {kind} cannot "
+                                                    f"be sent to the parent: {exc}"))
+                break
 
 
 # ------------------------------------------------------------------ the parent

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import Config
-from .launch import Job, JobOutcome, plan, raise_failures, run_jobs
+from .launch import Job, JobOutcome, Lazy, plan, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -73,6 +73,7 @@ def run(
     if store.exists():
         store.check_compatible(cfg)  # fail fast, before touching anything
     split = prepare_split(cfg)
+    from .context import store_trained  # imports torch: after the checks above
     with store.writing():
         store.init_experiment(cfg, split)
         done = set(store.done_seeds(REFERENCE))
@@ -82,7 +83,7 @@ def run(
         launch = cfg.launch
         slots = plan(launch, num_jobs=count)
         engine = choose_engine(cfg, slots[0].device)
-        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine}
+        base = {"config": cfg.to_dict(), "engine": engine}
         jobs = []
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
@@ -93,9 +94,19 @@ def run(
                             {**base, "kind": REFERENCE, "seeds": chunk}, len(chunk)))
         if on_plan is not None:
             on_plan(count, len(done & set(range(num_models))) + int(not need_original))
-        outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
+        outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
+                            shared=shared_inputs(cfg, split), inline=inline,
+                            on_result=lambda job_id, trained: store_trained(store, trained),
+                            on_event=on_event)
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing, sorted(done), outcomes)
+
+
+def shared_inputs(cfg: Config, split: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What every job of an experiment needs, sent once per worker (or Ray node): the split, and
+    the dataset, which local workers read themselves and Ray ships from the driver."""
+    return {"split": split,
+            "dataset": Lazy("unlearn_cli.context:dataset_arrays", (cfg.to_dict()["data"],))}
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
@@ -113,26 +124,25 @@ def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> l
 # ------------------------------------------------------------------ worker side
 
 
-def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Train the models of one job and store each; runs in a worker process.
+def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None],
+              shared: dict[str, Any]) -> Iterator[Any]:
+    """Train the models of one job, yielding each as a `context.Trained` (the driver stores it).
 
     The worker keeps one model module per spec (`models.fresh_model`) and loads each seed's initial
     weights into it, so a compiled model (train.compile) is compiled once per worker, by `warm_up`,
     before the first timed model.
     """
-    from .context import Stopwatch, context, provenance, save_trained
+    from .context import Stopwatch, context, finish_model, provenance
     from .models import fresh_model, init_from_data, init_model
     from .training import fit, fit_ensemble, recipe, warm_up
 
-    ctx = context(payload, device)
+    ctx = context(payload, device, shared)
     kind = payload["kind"]
     options = recipe(ctx.cfg.train)
     x, y = ctx.subset("train" if kind == ORIGINAL else "retain")
-    seeds = [s for s in payload["seeds"] if kind == ORIGINAL or not ctx.store.is_done(kind, s)]
-    progress(len(payload["seeds"]) - len(seeds))  # done meanwhile by another run: count them
-    if not seeds:
-        return
+    seeds = payload["seeds"]
     seed_of = (lambda s: ORIGINAL_SEED) if kind == ORIGINAL else (lambda s: s)
+    stored_seed = (lambda s: None) if kind == ORIGINAL else (lambda s: s)
 
     def train_alone(seed: int) -> tuple[Any, float]:
         model = fresh_model(ctx.spec, seed, ctx.device)
@@ -149,8 +159,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     model, seconds = train_alone(seed_of(first))
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, timing="sequential",
                       engine="loop")
-    save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
-    progress(1)
+    yield finish_model(ctx, kind, stored_seed(first), model, meta)
     if not rest:
         return
     if payload["engine"] == "ensemble":
@@ -161,12 +170,10 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         for seed, model in zip(rest, models):
             meta = provenance(ctx, kind, seed, wall_seconds=share, timing="ensemble-share",
                               engine="ensemble", ensemble_size=len(rest))
-            save_trained(ctx, kind, seed, model, meta)
-            progress(1)
+            yield finish_model(ctx, kind, seed, model, meta)
         return
     for seed in rest:
         model, seconds = train_alone(seed)
         meta = provenance(ctx, kind, seed, wall_seconds=seconds, timing="sequential",
                           engine="loop")
-        save_trained(ctx, kind, seed, model, meta)
-        progress(1)
+        yield finish_model(ctx, kind, seed, model, meta)
