@@ -120,6 +120,7 @@ def test_a_worker_exiting_cleanly_mid_job_fails_that_job(tmp_path):
     assert outcomes[1].ok
 
 
+@pytest.mark.slow  # two workers import torch: seconds each
 def test_threads_per_job_do_not_depend_on_the_worker_count(monkeypatch):
     """launch.threads, not cores // workers: the same float sums with 1 or 2 workers."""
     monkeypatch.setattr("unlearn_cli.launch.cpu_count", lambda: 64)

@@ -186,11 +186,23 @@ def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, shared: Mapping[str,
     last_exit = ""
 
     def start(slot: Slot) -> None:
+        nonlocal start_budget, last_exit
         jobs_in, jobs_out = ctx.Pipe(duplex=False)
         messages_in, messages_out = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_worker_main, args=(slot, jobs_in, messages_out, shared),
                            name=f"unlearn-{slot.label}", daemon=True)
-        proc.start()
+        try:
+            proc.start()  # hands it `shared` through its start-up pipe, which it reads at once
+        except OSError as exc:  # it died before reading it: a start-up failure like any other
+            for end in (jobs_in, jobs_out, messages_in, messages_out):
+                end.close()
+            start_budget -= 1
+            last_exit = f"could not start: {exc}"
+            free.append(slot)
+            if proc.pid is not None:
+                proc.kill()
+                proc.join(timeout=POLL_SECONDS)
+            return
         # Only the worker may hold its ends: its death must close them (end of file here).
         jobs_in.close()
         messages_out.close()

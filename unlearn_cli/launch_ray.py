@@ -11,6 +11,12 @@ Faults: a task whose worker process or node dies (Ray's system errors) is submit
 already delivered (the store's writer skips a model stored twice). A job that raises is reported
 once by `job_messages`, never retried (Ray's own retries are off: max_retries=0). Ctrl-C cancels
 every task (force: their processes are killed) and disconnects. Every wait has a timeout.
+
+Worker processes: Ray reuses a CPU task's worker process for the next task, so torch is imported
+once per worker, as in the local pool. A GPU task gets a fresh process each time (Ray's default
+for GPU tasks, max_calls=1, which frees its GPU memory), kept here: a GPU job on Ray pays torch's
+import and CUDA's start-up, and a compiled model is compiled again. Long-lived GPU actors, one per
+slot, would avoid that; they are not built (nor is this path tested on a GPU).
 """
 
 from __future__ import annotations
