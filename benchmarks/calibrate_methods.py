@@ -46,6 +46,7 @@ def main() -> int:
     from unlearn_cli import apply, train_refs
     from unlearn_cli.config import load_config
     from unlearn_cli.context import context
+    from unlearn_cli.launch import resolve_shared
     from unlearn_cli.methods import REGISTRY, method_params
     from unlearn_cli.metrics import logit_scaled_confidence
     from unlearn_cli.models import build_model
@@ -79,9 +80,10 @@ def main() -> int:
         fixed = f" with {', '.join(args.fixed)}" if args.fixed else ""
         print(f"{args.method}{fixed}: N = {args.num_models}; forget confidence: retrained "
               f"{ref_conf:.2f}, original {orig_conf:.2f}; original test accuracy {orig_test:.3f}")
-        ctx = context({"store": str(root), "config": base.to_dict()}, "cpu")
-        data = apply._method_data(ctx)
         original = store.load_model(ORIGINAL)
+        ctx = context({"config": base.to_dict()}, "cpu",
+                      resolve_shared(apply._shared(base, store, original)))
+        data = apply._method_data(ctx)
         test_x, test_y = ctx.subset("test")
         forget_x = ctx.subset("forget")[0]
         method = REGISTRY[args.method]

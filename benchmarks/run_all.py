@@ -29,6 +29,7 @@ SCRIPTS = [
     "bench_methods.py",
     "bench_cli.py",
     "bench_report.py",
+    "bench_ray.py",
 ]
 
 

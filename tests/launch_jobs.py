@@ -1,6 +1,9 @@
 """Job targets for the launcher tests (imported by spawned workers by module name)."""
 
+import hashlib
 import os
+import random
+import time
 
 
 def ok_job(payload, *, device, progress):
@@ -25,3 +28,22 @@ def exiting_job(payload, *, device, progress):
 
 def vanishing_job(payload, *, device, progress):
     os._exit(0)  # a clean exit code, but the job never finished
+
+
+def threads_job(payload, *, device, progress):
+    import torch
+
+    yield {"job": payload["value"], "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def blob_job(payload, *, device, progress, shared):
+    """Yields `count` results of `size` bytes each, checksummed, after short random pauses.
+
+    Big results take many pipe writes, so a kill often lands in the middle of one.
+    """
+    rng = random.Random(payload["value"])
+    for k in range(payload["count"]):
+        time.sleep(rng.uniform(0, payload["pause"]))
+        blob = rng.randbytes(payload["size"])
+        yield {"key": (payload["value"], k), "pid": os.getpid(), "blob": blob,
+               "sha": hashlib.sha256(blob).hexdigest(), "tag": shared["tag"]}

@@ -49,6 +49,40 @@ def _wait_until_gone(pgid: int, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (its launcher workers), read from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_for_workers(proc: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        if len(workers) >= count:
+            return workers
+        time.sleep(0.05)
+    raise AssertionError(f"{count} workers did not start in time")
+
+
+def _wait_pids_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    """Wait (bounded) for the PIDs to exit; return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists()
+                 and "Z" not in (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3])]
+        time.sleep(0.05)
+    return alive
+
+
 def _snapshot(store: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(store)): (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in store.rglob("*") if p.is_file() and p.name in ("model.pt", "outputs.npz")}
@@ -103,12 +137,15 @@ def test_workers_die_with_their_parent(tmp_path):
     store = tmp_path / "s"
     proc = _start(store)
     _wait_for_models(store, proc, 1)
+    workers = _wait_for_workers(proc, 2)  # two workers (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _wait_until_gone(proc.pid)
-    assert not _group_alive(proc.pid), "a worker outlived its parent"
     files = _snapshot(store)
-    time.sleep(1.0)
+    # The workers exit (each one of the PIDs seen before the kill); only then is the store final,
+    # and it is what it was when the parent died: workers never write the store.
+    assert not _wait_pids_gone(workers), "a worker outlived its parent"
+    _wait_until_gone(proc.pid)
+    assert not _group_alive(proc.pid), "a process of the command outlived its parent"
     assert _snapshot(store) == files, "something was written after the parent died"
 
 

@@ -1,7 +1,12 @@
+import os
+import sys
+import time
+
 import pytest
 
+from unlearn_cli import launch
 from unlearn_cli.errors import UnlearnError
-from unlearn_cli.launch import Job, Slot, plan_slots, run_jobs
+from unlearn_cli.launch import MAX_TRIES, Job, Slot, plan_slots, run_jobs
 
 
 def _jobs(tmp_path, kinds):
@@ -9,6 +14,29 @@ def _jobs(tmp_path, kinds):
         Job(f"job-{i}", f"launch_jobs:{kind}", {"out": str(tmp_path / f"out-{i}"), "value": i})
         for i, kind in enumerate(kinds)
     ]
+
+
+def _pids(events):
+    """label -> worker PIDs in the order they became ready."""
+    out = {}
+    for kind, label, value in events:
+        if kind == "worker":
+            out.setdefault(label, []).append(value)
+    return out
+
+
+def _wait_gone(pids, timeout=10.0):
+    """Wait (bounded) until none of the PIDs is a live process; return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.05)
+    return alive
 
 
 def test_two_workers_one_failing_job(tmp_path):
@@ -20,16 +48,30 @@ def test_two_workers_one_failing_job(tmp_path):
     assert [o.ok for o in outcomes] == [True, False, True, True, True]
     assert outcomes[1].id == "job-1" and "ValueError: bad value 1" in outcomes[1].error
     assert "Traceback" in outcomes[1].detail
-    pids = {(tmp_path / f"out-{i}").read_text().split()[1] for i in (0, 2, 3, 4)}
-    assert 1 <= len(pids) <= 2  # long-lived workers: several jobs per process
+    pids = {int((tmp_path / f"out-{i}").read_text().split()[1]) for i in (0, 2, 3, 4)}
+    workers = _pids(events)
+    assert set(workers) <= {"cpu#0", "cpu#1"}  # one may still be importing torch at the end
+    # Long-lived workers: the jobs ran in the workers that said ready, several jobs per process.
+    assert pids <= {p for ps in workers.values() for p in ps} and len(pids) <= 2
     assert sum(v for kind, _, v in events if kind == "progress") == 4
+    assert not _wait_gone(pids), "a worker outlived run_jobs"
 
 
-def test_a_dying_worker_fails_its_job_and_is_replaced(tmp_path):
+def test_a_dying_worker_is_replaced_by_a_new_process_and_its_job_retried(tmp_path):
     jobs = _jobs(tmp_path, ["dying_job", "ok_job", "ok_job"])
-    outcomes = run_jobs(jobs, [Slot("cpu", {}, 1, "cpu#0")], inline=False)
-    assert not outcomes[0].ok and "died (exit code 7)" in outcomes[0].error
+    events = []
+    outcomes = run_jobs(jobs, [Slot("cpu", {}, 1, "cpu#0")], inline=False,
+                        on_event=lambda *e: events.append(e))
+    assert not outcomes[0].ok
+    assert f"died (exit code 7) while running it, {MAX_TRIES} times" in outcomes[0].error
     assert outcomes[1].ok and outcomes[2].ok
+    pids = _pids(events)["cpu#0"]
+    # One worker per try of the dying job, then one more for the rest: each a new process.
+    assert len(pids) == MAX_TRIES + 1 == len(set(pids))
+    ran_ok = {int((tmp_path / f"out-{i}").read_text().split()[1]) for i in (1, 2)}
+    assert ran_ok == {pids[-1]}
+    starts = [v for kind, job_id, v in events if kind == "start" and job_id == "job-0"]
+    assert len(starts) == MAX_TRIES
 
 
 def test_inline_path_reports_the_same_way(tmp_path):
@@ -76,3 +118,50 @@ def test_a_worker_exiting_cleanly_mid_job_fails_that_job(tmp_path):
     outcomes = run_jobs(jobs, [Slot("cpu", {}, 1, "cpu#0")], inline=False)
     assert not outcomes[0].ok and "died (exit code 0)" in outcomes[0].error
     assert outcomes[1].ok
+
+
+@pytest.mark.slow  # two workers import torch: seconds each
+def test_threads_per_job_do_not_depend_on_the_worker_count(monkeypatch):
+    """launch.threads, not cores // workers: the same float sums with 1 or 2 workers."""
+    monkeypatch.setattr("unlearn_cli.launch.cpu_count", lambda: 64)
+    assert len(plan_slots("cpu", workers=0, workers_per_gpu=1, num_jobs=100)) == 64
+    slots4 = plan_slots("cpu", workers=0, workers_per_gpu=1, num_jobs=100, threads=4)
+    assert len(slots4) == 16 and {s.threads for s in slots4} == {4}
+    assert {s.threads for s in plan_slots("cpu", workers=0, workers_per_gpu=1, num_jobs=1,
+                                          threads=100)} == {64}  # capped at the cores
+    monkeypatch.undo()
+    jobs = [Job(f"j{i}", "launch_jobs:threads_job", {"value": i}) for i in range(4)]
+    want = min(2, launch.cpu_count())
+    for workers, inline in ((1, True), (2, False)):
+        got = []
+        slots = plan_slots("cpu", workers=workers, workers_per_gpu=1, num_jobs=4, threads=2)
+        outcomes = run_jobs(jobs, slots, inline=inline,
+                            on_result=lambda job_id, item, got=got: got.append(item) or True)
+        assert all(o.ok for o in outcomes)
+        assert len(got) == 4 and {r["threads"] for r in got} == {want}
+
+
+def test_backend_ray_without_ray_installed_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from unlearn_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    result = CliRunner().invoke(app, ["train-refs", "--num-models", "2", "--store",
+                                      str(tmp_path / "s"), "--backend", "ray"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "pip install 'unlearn-cli[ray]'" in lines[0] and "--backend local" in lines[0]
+    assert not (tmp_path / "s" / "reference").exists()
+
+
+def test_bad_backend_is_refused_with_the_valid_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from unlearn_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train-refs", "--num-models", "2", "--store",
+                                      str(tmp_path / "s"), "--backend", "slurm"])
+    assert result.exit_code == 1
+    assert "launch.backend: expected local or ray, got 'slurm'" in result.output

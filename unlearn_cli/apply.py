@@ -7,13 +7,13 @@ its per-sample outputs and the wall time of the method alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import Config, check_num_models
-from .errors import MethodError, OutputsError, StoreError, UnlearnError
-from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
+from .errors import MethodError, StoreError, UnlearnError
+from .launch import Job, JobOutcome, plan, plan_slots, raise_failures, run_jobs
 from .methods import (
     Interrupts,
     check_method_sections,
@@ -90,7 +90,7 @@ def run(
     store.check_compatible(cfg)
     store.check_identity()
     params = method_params(method, cfg)
-    check_data_and_model(cfg, store)  # and a damaged original checkpoint, before any worker
+    original = check_data_and_model(cfg, store)  # and a damaged checkpoint, before any worker
     n = num_models if num_models is not None else len(refs)
     record = {
         "name": method_spec,
@@ -108,15 +108,12 @@ def run(
         done = set(store.done_seeds(UNLEARNED, method_spec))
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
-        slots = plan_slots(launch.device, workers=launch.workers,
-                           workers_per_gpu=launch.workers_per_gpu,
-                           num_jobs=max(1, len(missing)))
+        slots = plan(launch, num_jobs=max(1, len(missing)))
         size = launch.chunk_size or JOB_SIZE
         size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
-        from .context import gpu_workers
+        from .context import gpu_workers, store_trained
 
-        base = {"store": str(store.root), "config": cfg.to_dict(), "method": method_spec,
-                "gpu_workers": gpu_workers(slots)}
+        base = {"config": cfg.to_dict(), "method": method_spec, "gpu_workers": gpu_workers(slots)}
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
                 {**base, "seeds": chunk}, len(chunk))
@@ -129,10 +126,24 @@ def run(
 
             on_event("plan", "", f"running {method_spec} {len(missing)} time(s): "
                                  f"{describe_launch(jobs, slots)}")
-        outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
+        # Workers get the original model with the data (once per worker or Ray node), not a path,
+        # and hand each run back: only this process writes the store.
+        outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
+                            shared=_shared(cfg, store, original), inline=inline,
+                            on_result=lambda job_id, trained: store_trained(store, trained),
+                            on_event=on_event)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
     return ApplyResult(store.root, method_spec, missing, reused, outcomes, redone)
+
+
+def _shared(cfg: Config, store: Store, original: dict[str, Any]) -> dict[str, Any]:
+    """The run's shared inputs: the experiment's (see `train_refs.shared_inputs`), built around
+    the original checkpoint's own spec, and the original model itself."""
+    from .train_refs import shared_inputs
+
+    spec = dict(original["model"])
+    return {**shared_inputs(cfg, store.load_split(), store, spec), "original": original}
 
 
 # ------------------------------------------------------------------ worker side
@@ -196,41 +207,40 @@ def _method_data(ctx: Any) -> Any:
                        valid_x=valid_x, valid_y=valid_y, speed=speed_of(ctx.cfg.train))
 
 
-def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Run the method once per seed of the job and store each result; runs in a worker."""
-    from .context import context, provenance, save_trained, timing
+def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None],
+              shared: dict[str, Any]) -> Iterator[Any]:
+    """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
+    driver stores it); runs in a worker."""
+    from .context import context, finish_model, provenance, timing
     from .train_refs import timing_context, warm_steps
     from .training import recipe, warm_up_method
 
-    ctx = context(payload, device)
+    ctx = context(payload, device, shared)
     spec = payload["method"]
     method = resolve(spec)
     params = method_params(method, ctx.cfg)
-    original = ctx.store.load_model(ORIGINAL)
+    original = shared["original"]
     data = _method_data(ctx)
     # The same untimed warm-up as train-refs does before its first timed model, so that both
     # sides of the runtime ratio are timed warm.
     warm_steps(ctx, recipe(ctx.cfg.train))
-    todo = [s for s in payload["seeds"] if not ctx.store.is_done(UNLEARNED, s, spec)]
+    todo = payload["seeds"]  # the driver skips a run stored meanwhile by another command
     if todo:  # on a GPU: autotuning and compilation untimed, once per worker and method
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
     for seed in payload["seeds"]:
-        if ctx.store.is_done(UNLEARNED, seed, spec):
-            progress(1)
-            continue
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
             model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               cpu_seconds=cpu_seconds, run_index=seed - UNLEARN_SEED_BASE,
                               **timing(ctx, payload), **timing_context())
-            save_trained(ctx, UNLEARNED, seed, model, meta, method=spec)
-        except (MethodError, OutputsError) as exc:  # OutputsError: e.g. 20 logits for 10 classes
+            trained = finish_model(ctx, UNLEARNED, seed, model, meta, method=spec)
+        except MethodError as exc:  # also outputs that do not fit, e.g. 20 logits for 10 classes
             failures.append(str(exc))
             continue
-        progress(1)
+        yield trained
     if failures:
         more = f" (and {len(failures) - 1} more seed(s) of this job)" if len(failures) > 1 else ""
         raise MethodError(failures[0] + more)
@@ -244,6 +254,7 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     import numpy as np
 
     from .context import context
+    from .launch import resolve_shared
     from .training import per_sample_outputs
 
     method = resolve(method_spec)
@@ -256,7 +267,8 @@ def dry_run(cfg: Config, store_root: str | Path, *, method_spec: str) -> dict[st
     original = check_data_and_model(cfg, store)
     launch = cfg.launch
     slot = plan_slots(launch.device, workers=1, workers_per_gpu=1, num_jobs=1)[0]
-    ctx = context({"store": str(store.root), "config": cfg.to_dict()}, slot.local_device())
+    ctx = context({"config": cfg.to_dict()}, slot.local_device(),
+                  resolve_shared(_shared(cfg, store, original)))
     data = _method_data(ctx)
     model, cold, _ = _run_once(ctx, method, params, original, data, unlearn_seed(0))
     # The first run in this process pays its warm-up (imports, thread pools, first kernels);

@@ -96,6 +96,17 @@ WorkersPerGpuOpt = Annotated[
     typer.Option("--workers-per-gpu", metavar="K", help="Long-lived workers per GPU.",
                  show_default=False),
 ]
+BackendOpt = Annotated[
+    Optional[str],
+    typer.Option("--backend", metavar="NAME", help="local (processes on this machine) | ray (a "
+                 "Ray cluster; default: launch.backend, local).", show_default=False),
+]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option("--address", metavar="ADDR", help="Ray: auto (RAY_ADDRESS or a running `ray "
+                 "start`) | local (a private instance) | HOST:PORT (default: launch.address, "
+                 "auto).", show_default=False),
+]
 
 
 def _version(value: bool) -> None:
@@ -210,6 +221,8 @@ class _Bar:
             return
         if kind == "progress":
             self.progress.advance(self.task, value)
+        elif kind == "cluster":
+            self.progress.console.print(value)
         elif kind == "finished" and not value.ok:
             self.failed += 1
             self.progress.console.print(f"[red]job {escape(job_id)} failed:[/red] "
@@ -225,7 +238,8 @@ class _Bar:
     epilog="\b\nExamples:\n"
     "  unlearn train-refs --num-models 100\n"
     "  unlearn train-refs --num-models 8 --store runs/quick --set train.epochs=5\n"
-    "  unlearn train-refs --config configs/digits.yaml --device cuda:0,1 --workers-per-gpu 4",
+    "  unlearn train-refs --config configs/digits.yaml --device cuda:0,1 --workers-per-gpu 4\n"
+    "  unlearn train-refs --backend ray --address auto --num-models 512",
 )
 @_boundary
 def train_refs_cmd(
@@ -237,6 +251,8 @@ def train_refs_cmd(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Train the original model on the whole training set and N reference models on the retain set.
 
@@ -244,7 +260,8 @@ def train_refs_cmd(
     """
     from . import train_refs
 
-    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
+    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu,
+              "backend": backend, "address": address}
     cfg, store_path = _resolve(config, set_, store, launch)
     bar = _Bar("training", "reference model(s)")
     try:
@@ -285,6 +302,8 @@ def apply_cmd(
     device: DeviceOpt = None,
     workers: WorkersOpt = None,
     workers_per_gpu: WorkersPerGpuOpt = None,
+    backend: BackendOpt = None,
+    address: AddressOpt = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Run the method once, print accuracies and time next to the "
         "original's, store nothing.")] = False,
@@ -292,7 +311,8 @@ def apply_cmd(
     """Run an unlearning method N times from the original checkpoint, each with its own seed."""
     from . import apply
 
-    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu}
+    launch = {"device": device, "workers": workers, "workers_per_gpu": workers_per_gpu,
+              "backend": backend, "address": address}
     cfg, store_path = _resolve(config, set_, store, launch)
     if dry_run:
         from .report import dry_run_table

@@ -112,9 +112,15 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:0,1
-    workers: int = 0  # CPU worker processes; 0 = one per core, capped by the number of jobs
+    workers: int = 0  # CPU worker processes; 0 = cores // threads, capped by the number of jobs
     workers_per_gpu: int = 1  # long-lived worker processes per GPU
     chunk_size: int = 0  # models per job; 0 = automatic
+    # torch intra-op threads per CPU job. Fixed, not derived from the worker count, because the
+    # thread count changes the order of float sums: a model is then bit-identical whatever
+    # --workers is. 1 = one job per core, the fastest for many small models.
+    threads: int = 1
+    backend: str = "local"  # local (processes on this machine) | ray (a Ray cluster)
+    address: str = "auto"  # ray: auto (RAY_ADDRESS or a running `ray start`) | local | host:port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +378,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          launch.workers_per_gpu)
     need(launch.chunk_size >= 0, "launch.chunk_size", "an integer >= 0 (0 = automatic)",
          launch.chunk_size)
+    need(launch.threads >= 1, "launch.threads", "an integer >= 1", launch.threads)
+    need(launch.backend in ("local", "ray"), "launch.backend", "local or ray", launch.backend)
+    need(bool(launch.address.strip()), "launch.address", "auto, local or host:port",
+         launch.address)
 
 
 # Models per bank. The official metric was run with 512; far more only costs disk (about 0.1 MB

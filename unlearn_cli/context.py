@@ -1,14 +1,14 @@
-"""What a worker needs for an experiment's jobs, built once per worker process and reused.
+"""What a worker needs for an experiment's jobs, built once per worker process and run.
 
-Shared by `train_refs` and `apply`: the config, the store, the split, the dataset on the device, the
-model spec, and `save_trained`, which computes a model's per-sample outputs and stores both files.
+Shared by `train_refs` and `apply`: the config, the split, the dataset on the device and the model
+spec, all from the job's payload and the run's shared inputs, never from the store: workers do not
+read or write the store (they may run on another node). `finish_model` turns a trained model into
+a `Trained` result (state dict + per-sample outputs); the driver writes it with `store_trained`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import time
 from typing import Any
 
@@ -19,15 +19,13 @@ from torch import nn
 from .config import Config, from_mapping
 from .data import load_dataset
 from .errors import MethodError
-from .models import model_spec
-from .store import Store, hash_split, now, versions
+from .store import Store, hash_split, now, outputs_problem, versions
 from .training import per_sample_outputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
     cfg: Config
-    store: Store
     split: dict[str, np.ndarray]
     split_hash: str
     x: torch.Tensor  # the whole dataset on `device`
@@ -41,33 +39,51 @@ class Context:
         return self.x[idx], self.y[idx]
 
 
-@functools.lru_cache(maxsize=2)
-def _context(store_root: str, cfg_json: str, device: str) -> Context:
-    cfg = from_mapping(json.loads(cfg_json))
-    store = Store(store_root)
-    split = store.load_split()
-    dataset = load_dataset(cfg.data, str(store.root / "data"))
-    # The spec the experiment recorded (a plugin model's file, found from any folder); stores
-    # made before it was recorded: built from the config, as then.
-    spec = store.read_experiment().get("model_spec") or model_spec(
-        cfg.model, dataset.input_shape, dataset.num_classes, mean=dataset.mean, std=dataset.std)
+def dataset_arrays(data: dict[str, Any], cache_dir: str | None = None) -> dict[str, Any]:
+    """The dataset of a config's data section as numpy arrays, ready for `launch.Lazy`.
+
+    Local workers call this themselves (same machine, same files); the Ray backend calls it once
+    in the driver and ships the result through the object store, once per node. cache_dir: the
+    store's data folder (imagefolder's decoded images).
+    """
+    dataset = load_dataset(from_mapping({"data": data}).data, cache_dir)
+    return {"x": dataset.x.numpy(), "y": dataset.y.numpy(), "num_classes": dataset.num_classes}
+
+
+_CONTEXTS: dict[tuple[int, str], tuple[Any, Context]] = {}  # (id(shared), device) -> context
+
+
+def context(payload: dict[str, Any], device: str, shared: dict[str, Any]) -> Context:
+    """The context for a job: `payload["config"]` (a resolved dict) and the run's shared inputs.
+
+    shared holds `split` (index arrays, as stored), `dataset` (as `dataset_arrays` returns it) and
+    `spec`, the model spec the experiment recorded (a plugin model's file, found from any folder).
+    Built once per worker and run (the shared dict is the same object for every job of a run), so
+    the data is copied to the device once, not once per job.
+    """
+    key = (id(shared), device)
+    if key in _CONTEXTS:
+        return _CONTEXTS[key][1]
+    cfg = from_mapping(payload["config"])
+    split = {k: np.asarray(v) for k, v in shared["split"].items()}
+    data = shared["dataset"]
     dev = torch.device(device)
-    return Context(
+    # np.array copies: arrays from Ray's object store are read-only views of shared memory.
+    x = torch.from_numpy(np.array(data["x"])).to(dev)
+    y = torch.from_numpy(np.array(data["y"])).to(dev)
+    ctx = Context(
         cfg=cfg,
-        store=store,
         split=split,
         split_hash=hash_split(split),
-        x=dataset.x.to(dev),
-        y=dataset.y.to(dev),
-        spec=spec,
-        num_classes=dataset.num_classes,
+        x=x,
+        y=y,
+        spec=dict(shared["spec"]),
+        num_classes=data["num_classes"],
         device=dev,
     )
-
-
-def context(payload: dict[str, Any], device: str) -> Context:
-    """The context for a job payload holding `store` (a path) and `config` (a resolved dict)."""
-    return _context(payload["store"], json.dumps(payload["config"], sort_keys=True), device)
+    _CONTEXTS.clear()  # one run at a time per worker: drop the previous run's data
+    _CONTEXTS[key] = (shared, ctx)  # holds `shared`, so its id cannot be reused meanwhile
+    return ctx
 
 
 def provenance(ctx: Context, kind: str, seed: int, **extra: Any) -> dict[str, Any]:
@@ -83,12 +99,25 @@ def provenance(ctx: Context, kind: str, seed: int, **extra: Any) -> dict[str, An
     }
 
 
-def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dict[str, Any],
-                 *, method: str | None = None) -> None:
-    """Store a finished model: checkpoint first, then its outputs (which mark it done).
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A finished model as a worker hands it to the driver, which alone writes the store."""
 
-    A model whose outputs are not finite (it diverged) is refused before anything is written:
-    stored, it would make `score` fail for every method of the store.
+    kind: str
+    seed: int | None  # None for the original model
+    method: str | None
+    state_dict: dict[str, Any]  # on the CPU
+    outputs: dict[str, np.ndarray]  # per-sample outputs (see training.per_sample_outputs)
+    meta: dict[str, Any]  # provenance
+    model_spec: dict[str, Any]
+
+
+def finish_model(ctx: Context, kind: str, seed: int | None, model: nn.Module,
+                 meta: dict[str, Any], *, method: str | None = None) -> Trained:
+    """A finished model with its per-sample outputs, ready to be stored by the driver.
+
+    A model whose outputs are not finite (it diverged) is refused here, in the worker: stored, it
+    would make `score` fail for every method of the store.
     """
     outputs = per_sample_outputs(model, ctx.x, ctx.y, ctx.split, tta=ctx.cfg.train.tta)
     if not all(np.isfinite(outputs[k]).all() for k in ("forget_logits", "test_logits")):
@@ -97,9 +126,28 @@ def save_trained(ctx: Context, kind: str, seed: int, model: nn.Module, meta: dic
             f"{who} diverged at seed {seed}: its outputs contain NaN or infinity; lower the "
             "learning rate (or fix the method) and rerun"
         )
+    problem = outputs_problem(outputs, ctx.split, ctx.num_classes)
+    if problem:  # e.g. a plugin model with 20 outputs for 10 classes
+        who = f"method {method!r}" if method else f"{kind} training"
+        raise MethodError(
+            f"{who} at seed {seed}: its outputs do not fit the experiment ({problem}); nothing "
+            "was stored for it: fix the model or method (one output per class) and rerun"
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ctx.store.save_model(kind, seed, state, meta, method=method, model_spec=ctx.spec)
-    ctx.store.save_outputs(kind, seed, outputs, meta, method=method)
+    return Trained(kind, seed, method, state, outputs, meta, ctx.spec)
+
+
+def store_trained(store: Store, trained: Trained) -> bool:
+    """Write a finished model in the driver: checkpoint first, then its outputs (which mark it
+    done). Returns False, writing nothing, if it is already stored (a retried job made it again).
+    """
+    t = trained
+    if store.is_done(t.kind, t.seed, t.method):
+        return False
+    store.save_model(t.kind, t.seed, t.state_dict, t.meta, method=t.method,
+                     model_spec=t.model_spec)
+    store.save_outputs(t.kind, t.seed, t.outputs, t.meta, method=t.method)
+    return True
 
 
 def gpu_workers(slots: list[Any]) -> int:

@@ -1,33 +1,38 @@
-"""The launcher: the only module that knows processes and CUDA_VISIBLE_DEVICES.
+"""The launcher: the only room that knows processes, CUDA_VISIBLE_DEVICES and Ray.
 
-Jobs are plain data (`Job`): an id, a target `"module:function"` and a payload. Each device slot
-gets one long-lived worker process (start method `spawn`), so torch is imported and CUDA initialised
-once per worker, not once per job. The parent never initialises CUDA: it counts GPUs through NVML,
-and each GPU worker is pinned with CUDA_VISIBLE_DEVICES before it imports torch.
+Jobs are plain data (`Job`): an id, a target `"module:function"` and a payload. `run_jobs` runs
+them on one of two sibling backends that share this module's types and `run_job_here`:
 
-The parent hands out one job at a time to idle workers, so it always knows which job each worker
-holds: a job that raises comes back as a failed `JobOutcome` tagged with its id while the others go
-on; a worker that dies (killed, out of memory) fails its job and is replaced while jobs remain.
-Ctrl-C stops every worker. A target is called as `fn(payload, device=..., progress=...)`, where
-`progress(n)` reports n more models finished.
+- `launch_local`: one long-lived worker process per device slot (start method `spawn`), one pipe
+  per worker; the parent never initialises CUDA (it counts GPUs through NVML, and each GPU worker
+  is pinned with CUDA_VISIBLE_DEVICES before it imports torch);
+- `launch_ray`: the same jobs as Ray tasks on a cluster (the only module that imports ray).
+
+Neither backend imports the other, and nothing above this module learns which one ran a job.
+
+A target is called as `fn(payload, device=..., progress=...)`, plus `shared=...` when the run has
+shared inputs (data sent once per worker or node, not once per job). It may return an iterable:
+each item it yields is one finished model, handed to the caller's `on_result` in the parent
+process, which alone writes the store; `progress(n)` counts models for targets that store nothing.
+A job that raises comes back as a failed `JobOutcome` tagged with its id, once, not retried; a job
+whose worker (or node) dies is retried on a fresh one, at most MAX_TRIES times in all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import multiprocessing as mp
 import os
-import queue
-import signal
+import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .errors import JobsFailed, UnlearnError
 
-POLL_SECONDS = 0.25  # how often the parent checks that its workers are alive
+BACKENDS = ("local", "ray")
+MAX_TRIES = 3  # runs of a job whose worker dies (killed, out of memory, node lost) before it fails
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +56,34 @@ class JobOutcome:
 class Slot:
     device: str  # the torch device inside the worker: "cpu" or "cuda:0"
     env: dict[str, str]  # set before the worker imports torch
-    threads: int  # torch intra-op threads for this worker
+    threads: int  # torch intra-op threads per job (launch.threads): fixed, so results are too
     label: str  # for messages: "cpu#1", "gpu3#0"
     gpu: int = -1  # the GPU's index as the parent sees it (-1 on CPU)
+    gpu_share: float = 0.0  # Ray: the fraction of a GPU a job asks for (1 / workers_per_gpu)
 
     def local_device(self) -> str:
         """The device to use for work done in the parent process itself (e.g. a dry run)."""
         return "cpu" if self.gpu < 0 else f"cuda:{self.gpu}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """A shared input a worker can compute itself (`target(*args)`, e.g. read a dataset from disk).
+
+    The local backend lets each worker compute it (same machine, same files); the Ray backend
+    computes it once in the driver and puts the result in the object store, so worker nodes need
+    none of the driver's files.
+    """
+
+    target: str  # "package.module:function"
+    args: tuple[Any, ...] = ()
+
+    def compute(self) -> Any:
+        return resolve_target(self.target)(*self.args)
+
+
+EventFn = Callable[[str, str, Any], None]
+ResultFn = Callable[[str, Any], bool]
 
 
 def cpu_count() -> int:
@@ -77,12 +103,7 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def plan_slots(device: str, *, workers: int, workers_per_gpu: int, num_jobs: int) -> list[Slot]:
-    """Turn `--device`, `--workers`, `--workers-per-gpu` into worker slots.
-
-    device: auto | cpu | cuda | cuda:0,1. workers: CPU processes (0 = one per core). Never more
-    slots than jobs.
-    """
+def check_device_spec(device: str) -> str:
     device = device.strip().lower()
     spec_ok = device in ("auto", "cpu", "cuda") or (
         device.startswith("cuda:") and all(p.strip().isdigit() for p in device[5:].split(","))
@@ -92,8 +113,21 @@ def plan_slots(device: str, *, workers: int, workers_per_gpu: int, num_jobs: int
             f"--device {device!r} is not understood; expected auto, cpu, cuda or a GPU list "
             "such as cuda:0,1"
         )
-    if workers < 0 or workers_per_gpu < 1:
-        raise UnlearnError("--workers must be >= 0 (0 = automatic) and --workers-per-gpu >= 1")
+    return device
+
+
+def plan_slots(device: str, *, workers: int, workers_per_gpu: int, num_jobs: int,
+               threads: int = 1) -> list[Slot]:
+    """Turn `--device`, `--workers`, `--workers-per-gpu`, `launch.threads` into worker slots.
+
+    device: auto | cpu | cuda | cuda:0,1. workers: CPU processes (0 = cores // threads). threads:
+    torch intra-op threads per CPU job, the same whatever the number of workers, so that a model
+    is bit-identical however many workers ran beside it. Never more slots than jobs.
+    """
+    device = check_device_spec(device)
+    if workers < 0 or workers_per_gpu < 1 or threads < 1:
+        raise UnlearnError("--workers must be >= 0 (0 = automatic), --workers-per-gpu >= 1 and "
+                           "launch.threads >= 1")
     num_jobs = max(1, num_jobs)
     if device != "cpu":
         available = gpu_count()
@@ -116,18 +150,38 @@ def plan_slots(device: str, *, workers: int, workers_per_gpu: int, num_jobs: int
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             names = visible.split(",") if visible else [str(g) for g in range(available)]
             total = min(len(gpus) * workers_per_gpu, num_jobs)
-            threads = max(1, cpu_count() // total)
+            # A GPU worker's CPU threads feed the GPU; they do not change what the GPU computes.
+            gpu_threads = max(1, cpu_count() // total)
             slots = [
-                Slot("cuda:0", {"CUDA_VISIBLE_DEVICES": names[g].strip()}, threads, f"gpu{g}#{k}",
-                     gpu=g)
+                Slot("cuda:0", {"CUDA_VISIBLE_DEVICES": names[g].strip()}, gpu_threads,
+                     f"gpu{g}#{k}", gpu=g, gpu_share=1.0 / workers_per_gpu)
                 for k in range(workers_per_gpu)
                 for g in gpus
             ]
             return slots[:total]
-    count = workers or cpu_count()
+    # More threads than cores only oversubscribes them; torch caps OMP_NUM_THREADS the same way.
+    threads = min(threads, cpu_count())
+    count = workers or max(1, cpu_count() // threads)
     count = max(1, min(count, num_jobs))
-    threads = max(1, cpu_count() // count)
     return [Slot("cpu", {}, threads, f"cpu#{k}") for k in range(count)]
+
+
+def plan(launch: Any, *, num_jobs: int) -> list[Slot]:
+    """The slots for a config's `launch` section on its backend (Ray: the cluster's resources)."""
+    backend = check_backend(launch.backend)
+    if backend == "ray" and num_jobs > 0:
+        from . import launch_ray
+
+        return launch_ray.plan_slots(launch, num_jobs=num_jobs)
+    return plan_slots(launch.device, workers=launch.workers, workers_per_gpu=launch.workers_per_gpu,
+                      num_jobs=num_jobs, threads=launch.threads)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise UnlearnError(f"--backend {backend!r} is not understood; expected one of: "
+                           f"{', '.join(BACKENDS)}")
+    return backend
 
 
 def resolve_target(target: str) -> Callable[..., Any]:
@@ -140,218 +194,148 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def run_job_here(job: Job, device: str, progress: Callable[[int], None]) -> JobOutcome:
-    """Run one job in this process, turning an exception into a failed outcome."""
+def resolve_shared(shared: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Compute the `Lazy` values of a run's shared inputs (in the process that runs its jobs)."""
+    if shared is None:
+        return None
+    return {k: v.compute() if isinstance(v, Lazy) else v for k, v in shared.items()}
+
+
+def job_messages(job: Job, device: str,
+                 shared: Mapping[str, Any] | Callable[[], Any] | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """Run one job in this process as a stream of messages; every backend runs jobs through here.
+
+    Yields ("progress", n) for what the target reports, ("result", item) for each item it yields,
+    and last ("finished", JobOutcome): an exception (even sys.exit) becomes a failed outcome
+    tagged with the job's id, so a job fails the same way wherever it runs. shared: the run's
+    shared inputs, or a function that computes them (a failure to compute them fails the job).
+    """
     start = time.perf_counter()
+    reported: list[int] = []
+    items: Iterator[Any] = iter(())
+    outcome: JobOutcome | None = None
+
+    def failed(exc: BaseException) -> JobOutcome:
+        msg = str(exc) if isinstance(exc, UnlearnError) else _one_line(exc)
+        return JobOutcome(job.id, False, time.perf_counter() - start, msg, traceback.format_exc())
+
     try:
-        resolve_target(job.target)(job.payload, device=device, progress=progress)
+        inputs = shared() if callable(shared) else shared
+        kwargs: dict[str, Any] = {"device": device, "progress": reported.append}
+        if inputs is not None:
+            kwargs["shared"] = inputs
+        produced = resolve_target(job.target)(job.payload, **kwargs)
+        if produced is not None:  # a generator: one item per finished model
+            items = iter(produced)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing job (even sys.exit) must not stop others
-        msg = str(exc) if isinstance(exc, UnlearnError) else _one_line(exc)
-        return JobOutcome(job.id, False, time.perf_counter() - start, msg, traceback.format_exc())
-    return JobOutcome(job.id, True, time.perf_counter() - start)
+        outcome = failed(exc)
+    # The yields stay outside the try blocks: what the consumer does with a message is not the job.
+    while outcome is None:
+        try:
+            item = next(items)
+        except StopIteration:
+            outcome = JobOutcome(job.id, True, time.perf_counter() - start)
+            break
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            outcome = failed(exc)
+            break
+        while reported:
+            yield "progress", reported.pop(0)
+        yield "result", item
+    while reported:
+        yield "progress", reported.pop(0)
+    yield "finished", outcome
 
 
-def _die_with_parent() -> None:
-    """End this worker as soon as the parent is gone (kill -9, OOM killer, a scheduler's SIGTERM).
-
-    Otherwise an orphan would go on writing to a store whose lock died with the parent, beside a
-    rerun. Linux delivers SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a watchdog
-    thread covers other systems and the moment before prctl took effect.
-    """
-    import ctypes
-    import threading
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-    parent = mp.parent_process()
-
-    def watch() -> None:
-        while parent is None or parent.is_alive():
-            time.sleep(POLL_SECONDS)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="unlearn-parent-watch", daemon=True).start()
-
-
-def _worker_main(index: int, slot: Slot, jobs: Any, events: Any) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides and terminates us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
-    os.environ.update(slot.env)
-    import torch  # only after CUDA_VISIBLE_DEVICES is set
-
-    torch.set_num_threads(slot.threads)
-    events.put(("ready", index, None, None))
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-
-        def progress(n: int, _id: str = job.id) -> None:
-            events.put(("progress", index, _id, n))
-
-        outcome = run_job_here(job, slot.device, progress)
-        events.put(("finished", index, job.id, outcome))
-
-
-EventFn = Callable[[str, str, Any], None]
+def run_job_here(job: Job, device: str, send: Callable[[str, Any], None],
+                 shared: Mapping[str, Any] | Callable[[], Any] | None = None) -> JobOutcome:
+    """Run one job in this process: send(kind, value) for its messages; return its outcome."""
+    for kind, value in job_messages(job, device, shared):
+        if kind == "finished":
+            return value
+        send(kind, value)
+    raise AssertionError("job_messages always ends with a finished message")  # pragma: no cover
 
 
 def run_jobs(
     jobs: Sequence[Job],
     slots: Sequence[Slot],
     *,
+    backend: str = "local",
+    address: str = "auto",
+    shared: Mapping[str, Any] | None = None,
+    on_result: ResultFn | None = None,
     on_event: EventFn | None = None,
     inline: bool | None = None,
 ) -> list[JobOutcome]:
     """Run every job on the slots; return one outcome per job, in the order of `jobs`.
 
-    on_event(kind, job_id, value) is called in the parent: ("start", id, slot label),
-    ("progress", id, models finished), ("finished", id, JobOutcome). inline=None runs in this
-    process when there is a single CPU slot (no process start-up); True forces it (tests).
+    shared: inputs every job of the run needs, sent once per worker (local) or once per node
+    (Ray); values may be `Lazy`. on_result(job_id, item) is called in this process for each item a
+    job yields and returns whether it was new (a retried job may yield a model again). on_event
+    (kind, job_id, value) is called in this process: ("cluster", "", one line), ("worker", label,
+    pid), ("start", id, slot label), ("progress", id, models finished), ("finished", id,
+    JobOutcome). inline=None runs in this process when there is a single local CPU slot (no
+    process start-up); True forces it (tests).
     """
     emit = on_event or (lambda kind, job_id, value: None)
+    keep = on_result or (lambda job_id, item: True)
+    backend = check_backend(backend)
+    if backend == "ray" and jobs:
+        from . import launch_ray
+
+        return launch_ray.run_jobs(jobs, slots, address=address, shared=shared, on_result=keep,
+                                   emit=emit)
     if not jobs:
         return []
     if inline is None:
         inline = len(slots) == 1 and slots[0].device == "cpu"
     if inline:
-        return _run_inline(jobs, slots[0], emit)
-    return _run_spawned(jobs, slots, emit)
+        return _run_inline(jobs, slots[0], shared, keep, emit)
+    from . import launch_local
+
+    return launch_local.run_jobs(jobs, slots, shared=shared, on_result=keep, emit=emit)
 
 
-def _run_inline(jobs: Sequence[Job], slot: Slot, emit: EventFn) -> list[JobOutcome]:
-    outcomes = []
-    for job in jobs:
-        emit("start", job.id, slot.label)
-        outcome = run_job_here(job, slot.device, lambda n, _id=job.id: emit("progress", _id, n))
-        emit("finished", job.id, outcome)
-        outcomes.append(outcome)
-    return outcomes
+def set_threads(threads: int) -> int:
+    """Fix torch's intra-op threads for the jobs to come, if torch is imported; the old count."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return threads
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    return before
 
 
-def _run_spawned(jobs: Sequence[Job], slots: Sequence[Slot], emit: EventFn) -> list[JobOutcome]:
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    pending = list(jobs)
-    outcomes: dict[str, JobOutcome] = {}
-    workers: dict[int, tuple[Any, Any, Slot]] = {}  # index -> (process, job queue, slot)
-    holding: dict[int, Job] = {}  # index -> the job it runs
-    started_at: dict[int, float] = {}
-    # A crash loop must end: a worker that dies at start-up would otherwise be restarted forever.
-    replacements = 2 * len(slots) + 2
+def _run_inline(jobs: Sequence[Job], slot: Slot, shared: Mapping[str, Any] | None,
+                keep: ResultFn, emit: EventFn) -> list[JobOutcome]:
+    import torch  # noqa: F401 - imported here so that set_threads applies to the jobs
 
-    def start_worker(index: int, slot: Slot) -> None:
-        job_q = ctx.Queue()
-        proc = ctx.Process(
-            target=_worker_main, args=(index, slot, job_q, events), name=f"unlearn-{slot.label}"
-        )
-        proc.daemon = True
-        proc.start()
-        workers[index] = (proc, job_q, slot)
-
-    def feed(index: int) -> None:
-        _, job_q, slot = workers[index]
-        if pending:
-            job = pending.pop(0)
-            holding[index] = job
-            started_at[index] = time.perf_counter()
-            job_q.put(job)
+    before = set_threads(slot.threads)  # as a worker does: the same results in-process
+    try:
+        resolved = resolve_shared(shared)
+        outcomes = []
+        for job in jobs:
             emit("start", job.id, slot.label)
-        else:
-            job_q.put(None)
 
-    def handle(kind: str, index: int, job_id: str, value: Any) -> None:
-        if kind == "progress":
-            emit("progress", job_id, value)
-            return
-        if index not in workers:  # a late event of a worker already counted as dead
-            return
-        if kind == "finished":
-            holding.pop(index, None)
-            if job_id not in outcomes:
-                outcomes[job_id] = value
-                emit("finished", job_id, value)
-        feed(index)  # after "ready" and "finished": the next job, or None to stop
+            def send(kind: str, value: Any, _id: str = job.id) -> None:
+                if kind == "progress":
+                    emit("progress", _id, value)
+                elif keep(_id, value):
+                    emit("progress", _id, 1)
 
-    def drain() -> None:
-        while True:
-            try:
-                handle(*events.get_nowait())
-            except queue.Empty:
-                return
-
-    def reap() -> None:
-        """A worker that died holding a job fails that job; replace it while work remains."""
-        nonlocal replacements, next_index
-        for index, (proc, _, slot) in list(workers.items()):
-            if proc.is_alive():
-                continue
-            drain()  # what it sent before dying counts (a finished job is not failed)
-            workers.pop(index)
-            job = holding.pop(index, None)
-            if job is not None and job.id not in outcomes:
-                seconds = time.perf_counter() - started_at.get(index, time.perf_counter())
-                outcome = JobOutcome(
-                    job.id, False, seconds,
-                    f"worker {slot.label} died (exit code {proc.exitcode}) while running it",
-                )
-                outcomes[job.id] = outcome
-                emit("finished", job.id, outcome)
-            if pending and replacements > 0:
-                replacements -= 1
-                start_worker(next_index, slot)
-                next_index += 1
-
-    # SIGTERM (timeout, a scheduler) stops the workers as Ctrl-C does, instead of orphaning them.
-    previous = _on_sigterm_raise_interrupt()
-    next_index = 0
-    try:
-        for slot in slots:
-            start_worker(next_index, slot)
-            next_index += 1
-        while len(outcomes) < len(jobs):
-            try:
-                handle(*events.get(timeout=POLL_SECONDS))
-            except queue.Empty:
-                pass
-            reap()
-            if not workers and len(outcomes) < len(jobs):
-                for job in pending:
-                    outcomes[job.id] = JobOutcome(job.id, False, 0.0, "not run: no worker left")
-                pending.clear()
-    except BaseException:
-        _stop(workers)
-        raise
+            outcome = run_job_here(job, slot.device, send, resolved)
+            emit("finished", job.id, outcome)
+            outcomes.append(outcome)
+        return outcomes
     finally:
-        _restore_sigterm(previous)
-    for proc, job_q, _ in workers.values():
-        if proc.is_alive():
-            job_q.put(None)  # a replacement that was still starting has not been told to stop
-    for proc, _, _ in workers.values():
-        proc.join(timeout=10)
-    _stop(workers)
-    return [outcomes[job.id] for job in jobs]
-
-
-def _on_sigterm_raise_interrupt() -> Any:
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        return None
-
-
-def _restore_sigterm(previous: Any) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        set_threads(before)
 
 
 def raise_failures(outcomes: Sequence[JobOutcome], *, what: str, kept: str) -> None:
@@ -364,14 +348,3 @@ def raise_failures(outcomes: Sequence[JobOutcome], *, what: str, kept: str) -> N
             + ("; ..." if len(failed) > 3 else "")
             + f"); {kept}: fix the cause and rerun the same command"
         )
-
-
-def _stop(workers: dict[int, tuple[Any, Any, Slot]]) -> None:
-    for proc, _, _ in workers.values():
-        if proc.is_alive():
-            proc.terminate()
-    for proc, _, _ in workers.values():
-        proc.join(timeout=5)
-        if proc.is_alive():  # pragma: no cover - a worker stuck in native code
-            proc.kill()
-            proc.join()

@@ -457,33 +457,8 @@ class Store:
 
     def check_outputs(self, arrays: Mapping[str, np.ndarray], *, kind: str, seed: int | None,
                       method: str | None = None) -> str | None:
-        """What is wrong with one model's outputs (see OUTPUTS), or None if they fit.
-
-        Checks every key against the split's sizes and the class count, the dtypes, and that the
-        numbers are finite (a diverged model's NaN would make every score of the store NaN).
-        """
-        split = self.load_split()
-        classes = self.num_classes()
-        for key, (part, has_classes, kinds) in OUTPUTS.items():
-            if key not in arrays:
-                return f"{key} is missing (found: {', '.join(sorted(arrays)) or 'nothing'})"
-            value = arrays[key]
-            rows = len(split[part])
-            if has_classes:
-                cols = classes if classes is not None else (value.shape[-1] if value.ndim else 0)
-                if value.ndim != 2 or value.shape != (rows, cols) or cols < 2:
-                    want = f"({rows}, {classes})" if classes is not None else f"({rows}, classes)"
-                    return (f"{key} has shape {tuple(value.shape)}, expected {want}: {rows} "
-                            f"{part} examples" + (f", {classes} classes" if classes else ""))
-            elif value.shape != (rows,):
-                return (f"{key} has shape {tuple(value.shape)}, expected ({rows},): one value per "
-                        f"{part} example")
-            if value.dtype.kind not in kinds:
-                return f"{key} has dtype {value.dtype}, expected " + (
-                    "bool" if kinds == "b" else "floating point")
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                return f"{key} holds NaN or infinity (a diverged model)"
-        return None
+        """What is wrong with one model's outputs (see `outputs_problem`), or None if they fit."""
+        return outputs_problem(arrays, self.load_split(), self.num_classes())
 
     def damaged(self, kind: str, seeds: Iterable[int | None] = (None,),
                 method: str | None = None) -> dict[int | None, str]:
@@ -709,6 +684,37 @@ class Store:
             raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
 
+
+
+def outputs_problem(arrays: Mapping[str, np.ndarray], split: Mapping[str, np.ndarray],
+                    classes: int | None) -> str | None:
+    """What is wrong with one model's outputs (see OUTPUTS), or None if they fit.
+
+    Checks every key against the split's sizes and the class count (None: not recorded, any count
+    of at least 2), the dtypes, and that the numbers are finite (a diverged model's NaN would make
+    every score of the store NaN). Workers check their outputs with it before handing them over,
+    and the store again when it writes and reads them.
+    """
+    for key, (part, has_classes, kinds) in OUTPUTS.items():
+        if key not in arrays:
+            return f"{key} is missing (found: {', '.join(sorted(arrays)) or 'nothing'})"
+        value = arrays[key]
+        rows = len(split[part])
+        if has_classes:
+            cols = classes if classes is not None else (value.shape[-1] if value.ndim else 0)
+            if value.ndim != 2 or value.shape != (rows, cols) or cols < 2:
+                want = f"({rows}, {classes})" if classes is not None else f"({rows}, classes)"
+                return (f"{key} has shape {tuple(value.shape)}, expected {want}: {rows} "
+                        f"{part} examples" + (f", {classes} classes" if classes else ""))
+        elif value.shape != (rows,):
+            return (f"{key} has shape {tuple(value.shape)}, expected ({rows},): one value per "
+                    f"{part} example")
+        if value.dtype.kind not in kinds:
+            return f"{key} has dtype {value.dtype}, expected " + (
+                "bool" if kinds == "b" else "floating point")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"{key} holds NaN or infinity (a diverged model)"
+    return None
 
 def _checkpoint_problem(path: Path, *, every_byte: bool) -> str | None:
     """What is wrong with a model.pt (torch.save writes a zip file), or None."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import Config, check_num_models
-from .launch import Job, JobOutcome, plan_slots, raise_failures, run_jobs
+from .launch import Job, JobOutcome, Lazy, plan, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -133,13 +133,11 @@ def run(
         need_original = not store.is_done(ORIGINAL)
         count = len(missing) + int(need_original)
         launch = cfg.launch
-        slots = plan_slots(launch.device, workers=launch.workers,
-                           workers_per_gpu=launch.workers_per_gpu, num_jobs=count)
+        slots = plan(launch, num_jobs=count)
         engine = choose_engine(cfg, slots[0].device)
-        from .context import gpu_workers
+        from .context import gpu_workers, store_trained  # imports torch: after the checks above
 
-        base = {"store": str(store.root), "config": cfg.to_dict(), "engine": engine,
-                "gpu_workers": gpu_workers(slots)}
+        base = {"config": cfg.to_dict(), "engine": engine, "gpu_workers": gpu_workers(slots)}
         jobs = []
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
@@ -156,7 +154,11 @@ def run(
                 "the original" if need_original else "",
                 f"{len(missing)} reference model(s)" if missing else "") if part)
             on_event("plan", "", f"training {what}: {describe_launch(jobs, slots, engine)}")
-        outcomes = run_jobs(jobs, slots, on_event=on_event, inline=inline)
+        # Workers hand each finished model back; only this process writes the store.
+        outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
+                            shared=shared_inputs(cfg, split, store, spec), inline=inline,
+                            on_result=lambda job_id, trained: store_trained(store, trained),
+                            on_event=on_event)
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing,
                            sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
@@ -168,6 +170,16 @@ def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None
     threads = slots[0].threads
     return (f"{len(jobs)} job(s) on {len(slots)} {kind} worker(s), {threads} thread(s) each"
             + (f" ({engine} engine)" if engine else ""))
+
+
+def shared_inputs(cfg: Config, split: dict[str, Any], store: Store,
+                  spec: dict[str, Any]) -> dict[str, Any]:
+    """What every job of an experiment needs, sent once per worker (or Ray node): the split, the
+    model spec, and the dataset, which local workers read themselves and Ray ships from the
+    driver."""
+    return {"split": split, "spec": spec,
+            "dataset": Lazy("unlearn_cli.context:dataset_arrays",
+                            (cfg.to_dict()["data"], str(store.root / "data")))}
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
@@ -233,25 +245,23 @@ def warm_steps(ctx: Any, options: dict[str, Any]) -> None:
     fit(model, x[:size], y[:size], **{**options, "epochs": 1, "compile": "none"}, seed=0)
 
 
-def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None]) -> None:
-    """Train the models of one job and store each; runs in a worker process.
+def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None],
+              shared: dict[str, Any]) -> Iterator[Any]:
+    """Train the models of one job, yielding each as a `context.Trained` (the driver stores it).
 
     The worker keeps one model module per spec (`models.fresh_model`) and loads each seed's initial
     weights into it, so a compiled model (train.compile) is compiled once per worker, by `warm_up`,
     before the first timed model.
     """
-    from .context import Stopwatch, context, provenance, save_trained, timing
+    from .context import Stopwatch, context, finish_model, provenance, timing
     from .models import fresh_model, init_from_data, init_model
     from .training import fit, fit_ensemble, recipe, warm_up
 
-    ctx = context(payload, device)
+    ctx = context(payload, device, shared)
     kind = payload["kind"]
     options = recipe(ctx.cfg.train)
     x, y = ctx.subset("train" if kind == ORIGINAL else "retain")
-    seeds = [s for s in payload["seeds"] if kind == ORIGINAL or not ctx.store.is_done(kind, s)]
-    progress(len(payload["seeds"]) - len(seeds))  # done meanwhile by another run: count them
-    if not seeds:
-        return
+    seeds = payload["seeds"]  # the driver skips a model stored meanwhile by another run
     seed_of = (lambda s: ORIGINAL_SEED) if kind == ORIGINAL else (lambda s: s)
 
     def train_alone(seed: int) -> tuple[Any, float, float]:
@@ -271,8 +281,7 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     model, seconds, cpu_seconds = train_alone(seed_of(first))
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, cpu_seconds=cpu_seconds,
                       engine="loop", **timing(ctx, payload), **timing_context())
-    save_trained(ctx, kind, first if kind != ORIGINAL else None, model, meta)
-    progress(1)
+    yield finish_model(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     if not rest:
         return
     if payload["engine"] == "ensemble":
@@ -289,12 +298,10 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
                 meta = provenance(ctx, kind, seed, wall_seconds=share, cpu_seconds=cpu_share,
                                   timing="ensemble-share", engine="ensemble",
                                   ensemble_size=len(group), **timing_context())
-                save_trained(ctx, kind, seed, model, meta)
-                progress(1)
+                yield finish_model(ctx, kind, seed, model, meta)
         return
     for seed in rest:
         model, seconds, cpu_seconds = train_alone(seed)
         meta = provenance(ctx, kind, seed, wall_seconds=seconds, cpu_seconds=cpu_seconds,
                           engine="loop", **timing(ctx, payload), **timing_context())
-        save_trained(ctx, kind, seed, model, meta)
-        progress(1)
+        yield finish_model(ctx, kind, seed, model, meta)

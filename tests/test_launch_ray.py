@@ -1,0 +1,222 @@
+"""The Ray backend on a private two-node cluster simulated on this machine (CPU).
+
+One Ray session serves the whole module (Ray takes seconds to start): a head node and one worker
+node of one CPU each, shut down at the end. Tests run in file order; the node-loss test goes last
+because it removes the worker node. Nothing here calls `ray stop` or kills by name.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST
+from typer.testing import CliRunner
+
+from unlearn_cli import apply, train_refs
+from unlearn_cli.cli import app
+from unlearn_cli.config import load_config
+from unlearn_cli.store import ORIGINAL, REFERENCE, UNLEARNED, Store
+
+ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'unlearn-cli[ray]'")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a Ray cluster takes seconds to start on 2 cores
+
+ROOT = Path(__file__).resolve().parents[1]
+# chunk_size fixes how seeds are grouped into jobs, whatever the number of slots, so that both
+# backends train exactly the same ensembles.
+BASE = [s for s in FAST if not s.startswith("launch")] + ["launch.chunk_size=2"]
+LOCAL = BASE + ["launch.workers=1"]
+RAY = BASE + ["launch.backend=ray"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c, worker
+    ray.shutdown()
+    c.shutdown()
+
+
+def _outputs(store, kind, seed=None, method=None):
+    return Store(store).load_outputs(kind, seed, method)[0]
+
+
+def _assert_same_outputs(a, b, kind, seeds, method=None):
+    for seed in seeds:
+        x, y = _outputs(a, kind, seed, method), _outputs(b, kind, seed, method)
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_allclose(x[key], y[key], rtol=0, atol=1e-6,
+                                       err_msg=f"{kind} {seed} {key}")
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local") / "s"
+    cfg = load_config(None, LOCAL)
+    train_refs.run(cfg, root, num_models=4)
+    apply.run(cfg, root, method_spec="finetune")
+    return root
+
+
+def test_train_refs_and_apply_on_ray_equal_the_local_backend(cluster, local_store, tmp_path):
+    root = tmp_path / "ray"
+    events = []
+    cfg = load_config(None, RAY)
+    result = train_refs.run(cfg, root, num_models=4, on_event=lambda *e: events.append(e))
+    assert result.trained == [0, 1, 2, 3] and result.trained_original
+    applied = apply.run(cfg, root, method_spec="finetune", on_event=lambda *e: events.append(e))
+    assert applied.trained == [1_000_000 + i for i in range(4)]
+    (line,) = {v for kind, _, v in events if kind == "cluster"}
+    assert "Ray cluster at" in line and "2 node(s), 2 CPUs" in line
+    assert sum(v for kind, _, v in events if kind == "progress") == 5 + 4
+    _assert_same_outputs(root, local_store, REFERENCE, range(4))
+    _assert_same_outputs(root, local_store, ORIGINAL, [None])
+    _assert_same_outputs(root, local_store, UNLEARNED, range(1_000_000, 1_000_004), "finetune")
+    assert not list(root.rglob("*.tmp-*"))
+    # A rerun does only what is missing: nothing.
+    again = train_refs.run(cfg, root, num_models=4)
+    assert again.trained == [] and not again.trained_original
+
+
+RAISES = '''
+def odd_fails(model, data, params, *, device, seed):
+    if seed % 2:
+        raise RuntimeError("kaboom")
+    return model
+'''
+
+
+def test_a_raising_job_is_reported_with_its_id_once(cluster, local_store, tmp_path):
+    root = tmp_path / "raise"
+    shutil.copytree(local_store, root)
+    plugin = tmp_path / "raising.py"
+    plugin.write_text(RAISES)
+    spec = f"{plugin}:odd_fails"
+    result = CliRunner().invoke(app, ["apply", "--method", spec, "--store", str(root),
+                                      "--num-models", "4", "--backend", "ray",
+                                      "--set", "launch.chunk_size=1"])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.output.split())
+    assert "2 of 4 unlearning jobs failed" in out
+    assert f"{spec}-1: method {spec!r} failed at seed 1000001: RuntimeError: kaboom" in out
+    assert out.count("failed at seed 1000003") == 2  # once on the bar, once in the summary
+    assert Store(root).done_seeds(UNLEARNED, spec) == [1_000_000, 1_000_002]
+
+
+def test_losing_a_node_mid_run_still_stores_each_model_once(cluster, tmp_path, monkeypatch):
+    c, worker = cluster
+    n = 24
+    settings = BASE + ["launch.chunk_size=1", "train.engine=loop"]
+    writes = {}
+    original_save = Store.save_outputs
+
+    def counting_save(self, kind, seed, *args, **kwargs):
+        writes[(kind, seed)] = writes.get((kind, seed), 0) + 1
+        return original_save(self, kind, seed, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "save_outputs", counting_save)
+    root = tmp_path / "lost"
+    stored_at_removal = []
+
+    def remove_worker_node():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = len(Store(root).done_seeds(REFERENCE)) if (root / "reference").is_dir() else 0
+            if done >= 4:
+                stored_at_removal.append(done)
+                c.remove_node(worker, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    remover = threading.Thread(target=remove_worker_node, daemon=True)
+    remover.start()
+    events = []
+    result = train_refs.run(load_config(None, settings + ["launch.backend=ray"]), root,
+                            num_models=n, on_event=lambda *e: events.append(e))
+    remover.join(timeout=10)
+    assert stored_at_removal and stored_at_removal[0] < n, "the node was not removed mid-run"
+    assert sorted(result.trained) == list(range(n)) and all(o.ok for o in result.outcomes)
+    assert Store(root).done_seeds(REFERENCE) == list(range(n))
+    assert set(writes.values()) == {1} and len(writes) == n + 1  # each model stored once
+    assert not list(root.rglob("*.tmp-*"))
+    retried = [job for kind, job, _ in events if kind == "start"]
+    print(f"jobs started {len(retried)} times for {n + 1} jobs")
+    local = tmp_path / "local"
+    monkeypatch.undo()
+    train_refs.run(load_config(None, settings + ["launch.workers=1"]), local, num_models=n)
+    _assert_same_outputs(root, local, REFERENCE, range(n))
+
+
+def _descendants(pid):
+    """Every process below `pid` (children, their children...), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_cancels_every_task_and_keeps_finished_models(tmp_path):
+    """A private Ray instance (--address local) in a subprocess; SIGINT to its process group."""
+    store = tmp_path / "s"
+    n = 10
+    args = [sys.executable, "-m", "unlearn_cli", "train-refs", "--num-models", str(n),
+            "--store", str(store), "--backend", "ray", "--address", "local",
+            "--set", "train.epochs=20", "--set", "launch.chunk_size=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=env, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if len(Store(store).done_seeds(REFERENCE)) >= 2:
+            break
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode())
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no model was stored in time")
+    started = _descendants(proc.pid)  # raylet, GCS, Ray workers...: what this command started
+    assert started
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode()
+    assert "interrupted" in out.decode()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in started if _alive(p)], "a Ray process outlived Ctrl-C"
+    kept = Store(store).done_seeds(REFERENCE)
+    assert 2 <= len(kept) < n
+    assert not list(store.rglob("*.tmp-*"))  # an interrupted write removes its temp file
+    # The rerun finishes only what is missing (locally: the store does not care who trained it).
+    result = train_refs.run(load_config(None, ["train.epochs=20", "launch.chunk_size=1",
+                                               "launch.workers=1"]), store, num_models=n)
+    assert sorted(result.trained) == sorted(set(range(n)) - set(kept))
