@@ -19,7 +19,7 @@ from torch import nn
 from .config import Config, from_mapping
 from .data import load_dataset
 from .errors import MethodError
-from .store import Store, hash_split, now, outputs_problem, versions
+from .store import Store, describe_model, hash_split, now, outputs_problem, versions
 from .training import per_sample_outputs
 
 
@@ -128,10 +128,10 @@ def finish_model(ctx: Context, kind: str, seed: int | None, model: nn.Module,
         )
     problem = outputs_problem(outputs, ctx.split, ctx.num_classes)
     if problem:  # e.g. a plugin model with 20 outputs for 10 classes
-        who = f"method {method!r}" if method else f"{kind} training"
         raise MethodError(
-            f"{who} at seed {seed}: its outputs do not fit the experiment ({problem}); nothing "
-            "was stored for it: fix the model or method (one output per class) and rerun"
+            f"{describe_model(kind, seed, method)}: its outputs do not fit the experiment "
+            f"({problem}); nothing was stored for it: fix the model or method (one output per "
+            "class) and rerun"
         )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return Trained(kind, seed, method, state, outputs, meta, ctx.spec)

@@ -434,11 +434,7 @@ class Store:
     # checks ----------------------------------------------------------------------
     def describe(self, kind: str, seed: int | None = None, method: str | None = None) -> str:
         """A model as a user names it: `reference model seed 7`, `finetune run seed 1000003`."""
-        if kind == ORIGINAL:
-            return "the original model"
-        if kind == REFERENCE:
-            return f"reference model seed {seed}"
-        return f"{method} run seed {seed}"
+        return describe_model(kind, seed, method)
 
     def redo_command(self, kind: str, method: str | None = None) -> str:
         """The command that makes a model of this kind again, as far as the store holds them.
@@ -684,6 +680,15 @@ class Store:
             raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
 
+
+
+def describe_model(kind: str, seed: int | None = None, method: str | None = None) -> str:
+    """A model as a user names it: `reference model seed 7`, `finetune run seed 1000003`."""
+    if kind == ORIGINAL:
+        return "the original model"
+    if kind == REFERENCE:
+        return f"reference model seed {seed}"
+    return f"{method} run seed {seed}"
 
 
 def outputs_problem(arrays: Mapping[str, np.ndarray], split: Mapping[str, np.ndarray],
