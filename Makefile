@@ -10,7 +10,7 @@ N      ?= 100
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,ray]' 2>&1 | grep -v 'is ignored: it is neither' || true
-	$(BIN)/python -c "import unlearn_cli, torch, sklearn, typer"
+	$(BIN)/python -c "import unlearn_cli, torch, sklearn, typer, matplotlib, ray"
 	touch $(STAMP)
 
 install: $(STAMP)
