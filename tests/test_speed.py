@@ -25,7 +25,7 @@ from unlearn_cli.launch import Slot
 from unlearn_cli.methods import finetune, retrain
 from unlearn_cli.methods.api import UnlearnData
 from unlearn_cli.models import init_model, model_spec
-from unlearn_cli.score import _retrain_seconds
+from unlearn_cli.score import _kept
 
 
 @pytest.fixture(autouse=True)
@@ -349,16 +349,17 @@ def test_workers_sharing_a_gpu_are_not_recorded_as_sequential():
     assert timing(gpu, {"gpu_workers": 1}) == {"timing": "sequential"}
     assert timing(types.SimpleNamespace(device=torch.device("cpu")), {"gpu_workers": 4}) == {
         "timing": "sequential"}
-    seconds, how = _retrain_seconds({"wall_seconds": np.array([4.0, 6.0]),
-                                     "timing": ["shared-gpu", "shared-gpu"]})
-    assert seconds == 5.0 and "shared their GPU" in how
+    # No model timed alone: the retraining time comes from the shared-GPU ones, labelled so.
+    keep, how = _kept({"timing": ["shared-gpu", "ensemble-share", "shared-gpu"]}, alone_only=True)
+    assert keep == [0, 2] and "shared their GPU" in how
 
 
 def test_stores_made_before_the_new_train_keys_stay_compatible():
-    from unlearn_cli.config import LATER_DEFAULTS, identity
+    from unlearn_cli.config import ADDED_LATER, identity
 
+    new_keys = ("padding_mode", "flip_mode", "lookahead", "tta", "ensemble_size", "cuda_graph")
+    assert all(k in ADDED_LATER["train"] for k in new_keys)
     now = load_config(None).to_dict()
-    before = {**now, "train": {k: v for k, v in now["train"].items()
-                               if k not in LATER_DEFAULTS["train"]}}
+    before = {**now, "train": {k: v for k, v in now["train"].items() if k not in new_keys}}
     assert identity(before) == identity(now)
     assert identity(load_config(None, ["train.ensemble_size=4"]).to_dict()) != identity(now)
