@@ -419,14 +419,23 @@ def test_the_registry_lists_methods_without_importing_them():
 def test_retrain_reads_a_runtime_ratio_of_one(tmp_path):
     """`retrain` is retraining: both sides timed the same way (warm, alone, median, same kind of
     worker) must give 1.0 +- 0.15, whatever the machine's load (recorded on both sides)."""
+    import torch
+
     from unlearn_cli import apply, score, train_refs
     from unlearn_cli.config import load_config
 
     # Loop engine: every reference model is timed alone; 10 epochs so that a model takes long
-    # enough (~0.2 s) for a timer to mean something.
+    # enough (~0.2 s) for a timer to mean something. In-process jobs with one torch thread, as
+    # each launcher worker has when there are as many workers as cores (with more threads, idle
+    # threads spin and their CPU time depends on the load).
     cfg = load_config(None, ["train.epochs=10", "launch.workers=1", "train.engine=loop"])
-    train_refs.run(cfg, tmp_path / "s", num_models=7)
-    apply.run(cfg, tmp_path / "s", method_spec="retrain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_refs.run(cfg, tmp_path / "s", num_models=7)
+        apply.run(cfg, tmp_path / "s", method_spec="retrain")
+    finally:
+        torch.set_num_threads(threads)
     (rep,) = score.run(tmp_path / "s", methods=["retrain"], bootstrap=0)
     runtime = rep["runtime"]
     assert runtime["clock"] == "cpu"  # on a CPU: what else the machine runs does not count

@@ -160,6 +160,7 @@ class Store:
         self.root = Path(root)
         self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
         self._hashes: set[str] | None = None
+        self._classes: int | None = None  # read once (see num_classes)
 
     # layout -----------------------------------------------------------------
     @property
@@ -344,7 +345,7 @@ class Store:
                           model_spec: Mapping[str, Any] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
-        self._split = None
+        self._split = self._hashes = self._classes = None  # what was read before is stale
         record = {
             "schema": SCHEMA,
             "config": cfg.to_dict(),
@@ -420,16 +421,19 @@ class Store:
 
     def num_classes(self) -> int | None:
         """The class count every model's logits must have; None when the store cannot tell."""
+        if self._classes is not None:
+            return self._classes
         exp = self.read_experiment()
         if isinstance(exp.get("num_classes"), int):
-            return exp["num_classes"]
+            self._classes = exp["num_classes"]
+            return self._classes
         path = self.model_dir(ORIGINAL) / "outputs.npz"  # a store from before it was recorded
         if path.is_file():
             arrays, _ = self._load_npz(path)
             logits = arrays.get("forget_logits")
             if logits is not None and logits.ndim == 2:
-                return int(logits.shape[1])
-        return None
+                self._classes = int(logits.shape[1])
+        return self._classes
 
     # checks ----------------------------------------------------------------------
     def describe(self, kind: str, seed: int | None = None, method: str | None = None) -> str:
