@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .score import SCHEMA
@@ -155,7 +156,7 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="unlearn score", show_lines=False, title_justify="left")
     table.add_column("", style="bold")
     for rep in reports:
-        table.add_column(rep["method"], justify="right")
+        table.add_column(escape(rep["method"]), justify="right")  # a plugin path is not markup
     for row in table_rows(reports):
         cells = []
         for rep in reports:
@@ -169,7 +170,8 @@ def score_table(reports: Sequence[dict[str, Any]]) -> Table:
 
 def dry_run_table(result: dict[str, Any]) -> Table:
     """The original next to one run of the method (`unlearn apply --dry-run`)."""
-    table = Table(title=f"dry run: {result['method']} (seed {result['seed']}, {result['device']})",
+    table = Table(title=escape(f"dry run: {result['method']} (seed {result['seed']}, "
+                               f"{result['device']})"),
                   title_justify="left")
     table.add_column("")
     for col in ("forget acc", "retain acc", "test acc", "seconds"):
@@ -185,10 +187,10 @@ def print_reports(reports: Sequence[dict[str, Any]], console: Console) -> None:
     console.print(score_table(reports))
     for rep in reports:
         if "reading" in rep:
-            console.print(f"[bold]{rep['method']}[/bold]: {rep['reading']}")
+            console.print(f"[bold]{escape(rep['method'])}[/bold]: {escape(rep['reading'])}")
         if rep["num_models"]["retrained"] != rep["num_models"]["unlearned"]:
             console.print(
-                f"[yellow]{rep['method']}: banks differ in size; scored the first "
+                f"[yellow]{escape(rep['method'])}: banks differ in size; scored the first "
                 f"{rep['num_models']['scored']} models of each[/yellow]"
             )
 
