@@ -140,13 +140,15 @@ class Config:
 
     def identity_hash(self) -> str:
         """A short hash of what defines the experiment (see `identity`), stable across versions:
-        a key added later leaves the hash of the configs made before it unchanged."""
-        return _hash(identity(self.to_dict()))
+        the form version 0.1.0 wrote (its keys kept whatever their value, every key added since
+        left out while it holds its neutral value), so a config that 0.1.0 could express keeps the
+        hash 0.1.0 gave it."""
+        return _hash(identity(self.to_dict(), keep=HASHED_BY_0_1_0))
 
     def identity_hashes(self) -> set[str]:
-        """Every hash a model of this experiment may carry: `identity_hash`, and the form that
-        version 0.1.0 wrote (see HASHED_BY_0_1_0)."""
-        return {self.identity_hash(), _hash(identity(self.to_dict(), keep=HASHED_BY_0_1_0))}
+        """Every hash a model of this experiment may carry: `identity_hash`, and the form of the
+        stores made before 0.1.0 (every later key left out while neutral)."""
+        return {self.identity_hash(), _hash(identity(self.to_dict()))}
 
 
 def _hash(obj: Any) -> str:
@@ -176,8 +178,8 @@ ADDED_LATER: dict[str, dict[str, Any]] = {
               "compile": "none", "padding_mode": "zeros", "flip_mode": "random",
               "lookahead": False, "tta": "none", "ensemble_size": 0, "cuda_graph": False},
 }
-# The later keys that stores of version 0.1.0 (the first to record config hashes) hashed whatever
-# their value: `identity_hashes` accepts that form too, so those stores keep their identity.
+# The later keys that stores of version 0.1.0 hashed whatever their value: `identity_hash` keeps
+# them, so 0.1.0's hashes stay what they were; `identity_hashes` also accepts the earlier form.
 HASHED_BY_0_1_0 = {
     "data": ("download",),
     "model": ("widths",),

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import Config, diff_sections, from_mapping, identity
+from .config import ADDED_LATER, Config, diff_sections, from_mapping, identity
 from .errors import OutputsError, StoreError, UnlearnError
 
 
@@ -366,7 +366,8 @@ class Store:
         """Refuse a store made under other data/model/train settings, naming the differences."""
         exp = self.read_experiment()
         stored = self._stored_config(exp).to_dict()
-        diffs = diff_sections(identity(stored), identity(cfg.to_dict()))
+        every = {section: tuple(keys) for section, keys in ADDED_LATER.items()}  # show all keys
+        diffs = diff_sections(identity(stored, keep=every), identity(cfg.to_dict(), keep=every))
         if diffs:
             raise StoreError(
                 f"store {self.root} was made under a different config ({'; '.join(diffs)}); "
