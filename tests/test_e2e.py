@@ -9,7 +9,7 @@ import pytest
 from conftest import FAST
 from typer.testing import CliRunner
 
-from unlearn_cli import apply, score
+from unlearn_cli import apply, score, train_refs
 from unlearn_cli.cli import app
 from unlearn_cli.config import load_config
 from unlearn_cli.store import ORIGINAL, REFERENCE, UNLEARNED, Store
@@ -188,6 +188,23 @@ def test_apply_with_two_worker_processes(trained_store, tmp_path):
         b = Store(other).load_model(UNLEARNED, seed, "reset-head")["state_dict"]
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+@pytest.mark.slow
+def test_train_refs_gives_the_same_models_on_one_or_two_workers(tmp_path):
+    """The ensemble engine's jobs are cut by seed, not by worker count: equal bits either way."""
+    sets = [s for s in FAST if not s.startswith("launch")] + ["train.epochs=2"]
+    for workers in (1, 2):
+        cfg = load_config(None, sets + [f"launch.workers={workers}"])
+        train_refs.run(cfg, tmp_path / f"w{workers}", num_models=6)
+    one, two = Store(tmp_path / "w1"), Store(tmp_path / "w2")
+    assert one.done_seeds(REFERENCE) == two.done_seeds(REFERENCE) == list(range(6))
+    for seed in [None, *range(6)]:
+        kind = ORIGINAL if seed is None else REFERENCE
+        a, _ = one.load_outputs(kind, seed)
+        b, _ = two.load_outputs(kind, seed)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind} {seed} {key}")
 
 
 def test_the_readme_plugin_example_runs(trained_store, tmp_path, monkeypatch):

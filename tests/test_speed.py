@@ -363,3 +363,20 @@ def test_stores_made_before_the_new_train_keys_stay_compatible():
     before = {**now, "train": {k: v for k, v in now["train"].items() if k not in new_keys}}
     assert identity(before) == identity(now)
     assert identity(load_config(None, ["train.ensemble_size=4"]).to_dict()) != identity(now)
+
+
+def test_gpu_sharing_is_counted_per_gpu_and_bounded_by_the_share():
+    """Timing labels: how many workers take turns on one GPU (Ray numbers every slot's GPU 0)."""
+    from unlearn_cli.context import gpu_workers
+    from unlearn_cli.launch import Slot
+
+    def slots(count, gpu_of, share):
+        return [Slot("cuda:0", {}, 1, f"s{k}", gpu=gpu_of(k), gpu_share=share)
+                for k in range(count)]
+
+    assert gpu_workers(slots(4, lambda k: 0, 1.0)) == 1  # Ray: 4 whole GPUs, one job each
+    assert gpu_workers(slots(8, lambda k: 0, 0.5)) == 2  # Ray: 2 jobs per GPU
+    assert gpu_workers(slots(4, lambda k: k % 2, 0.5)) == 2  # local: 2 GPUs, 2 workers each
+    assert gpu_workers(slots(1, lambda k: 0, 0.5)) == 1  # local: one job left for 2 slots
+    assert gpu_workers([Slot("cpu", {}, 1, "c")]) == 1
+

@@ -48,12 +48,14 @@ def check_ready(store: Store) -> list[int]:
     """The stored reference seeds; raise if the store cannot be unlearned from yet."""
     store.read_experiment()
     refs = store.done_seeds(REFERENCE)
-    missing = [what for what, absent in (("the original model", not store.is_done(ORIGINAL)),
+    missing = [what for what, absent in (("original model", not store.is_done(ORIGINAL)),
                                          ("reference models", not refs)) if absent]
     if missing:
+        # The command keeps the bank's size (--num-models), so following it trains only what is
+        # missing, not a default-sized bank on top of a small one.
         raise StoreError(
-            f"store {store.root} has no {' and no '.join(missing)}; run `unlearn train-refs "
-            f"--store {store.root}` first"
+            f"store {store.root} has no {' and no '.join(missing)}; run "
+            f"`{store.redo_command(REFERENCE)}` first"
         )
     return refs
 
@@ -108,7 +110,7 @@ def run(
         done = set(store.done_seeds(UNLEARNED, method_spec))
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
-        slots = plan(launch, num_jobs=max(1, len(missing)))
+        slots = plan(launch, num_jobs=len(missing))  # nothing missing: no cluster is joined
         size = launch.chunk_size or JOB_SIZE
         size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
         from .context import gpu_workers, store_trained

@@ -88,8 +88,8 @@ DeviceOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--workers", metavar="K", help="CPU worker processes (0 = one per core).",
-                 show_default=False),
+    typer.Option("--workers", metavar="K",
+                 help="CPU worker processes (0 = cores / launch.threads).", show_default=False),
 ]
 WorkersPerGpuOpt = Annotated[
     Optional[int],

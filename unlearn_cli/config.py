@@ -363,7 +363,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          t.flip_mode)
     need(t.tta in ("none", "flip", "flip-translate"), "train.tta", "none, flip or flip-translate",
          t.tta)
-    need(t.tta == "none" or d.dataset == "cifar10", "train.tta",
+    need(t.tta == "none" or d.dataset not in ("digits", "arrays"), "train.tta",
          f"none for {d.dataset} (test-time flips and shifts need images)", t.tta)
     need(t.ensemble_size >= 0, "train.ensemble_size", "an integer >= 0 (0 = automatic)",
          t.ensemble_size)

@@ -153,10 +153,15 @@ def store_trained(store: Store, trained: Trained) -> bool:
 def gpu_workers(slots: list[Any]) -> int:
     """The most worker slots that share one GPU (1 on CPU): for the payloads' timing labels."""
     counts: dict[int, int] = {}
+    per_gpu: dict[int, int] = {}  # how many jobs a GPU takes at once: 1 / the share one asks for
     for slot in slots:
         if slot.gpu >= 0:
             counts[slot.gpu] = counts.get(slot.gpu, 0) + 1
-    return max(counts.values(), default=1)
+            if slot.gpu_share > 0:
+                per_gpu[slot.gpu] = round(1 / slot.gpu_share)
+    # Ray numbers every slot's GPU 0 (the scheduler picks the device), so the count alone would
+    # call 4 GPUs of one worker each "shared": the share bounds it.
+    return max((min(n, per_gpu.get(g, n)) for g, n in counts.items()), default=1)
 
 
 def mps_active() -> bool:

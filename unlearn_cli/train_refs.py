@@ -9,7 +9,6 @@ finished file.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,15 +182,20 @@ def shared_inputs(cfg: Config, split: dict[str, Any], store: Store,
 
 
 def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
-    if not seeds:
-        return []
+    """The jobs' seeds: runs of consecutive seeds cut at multiples of the chunk size.
+
+    Which seeds share a job decides which are trained together (the ensemble engine) and which
+    one is trained alone first, so the cuts depend on the seeds only, never on `num_slots`: the
+    same missing seeds give the same models whatever `--workers` is. Chunk size: launch.chunk_size,
+    else MAX_ENSEMBLE_CHUNK for the ensemble engine and 1 for the loop engine.
+    """
+    del num_slots  # see above: the worker count must not change the models
     if chunk_size <= 0:
-        if engine == "ensemble":
-            # One ensemble per worker, cut into pieces of at most MAX_ENSEMBLE_CHUNK models.
-            chunk_size = min(MAX_ENSEMBLE_CHUNK, math.ceil(len(seeds) / num_slots))
-        else:
-            chunk_size = 1
-    return [seeds[i : i + chunk_size] for i in range(0, len(seeds), chunk_size)]
+        chunk_size = MAX_ENSEMBLE_CHUNK if engine == "ensemble" else 1
+    chunks: dict[int, list[int]] = {}
+    for seed in seeds:
+        chunks.setdefault(seed // chunk_size, []).append(seed)
+    return list(chunks.values())
 
 
 # ------------------------------------------------------------------ worker side
