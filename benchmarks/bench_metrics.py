@@ -209,7 +209,7 @@ def write_store(root: Path) -> list[str]:
     """A store of synthetic outputs at digits' split sizes; returns the method names."""
     from unlearn_cli.config import load_config
     from unlearn_cli.methods import REGISTRY
-    from unlearn_cli.store import REFERENCE, UNLEARNED, Store
+    from unlearn_cli.store import REFERENCE, UNLEARNED, Store, hash_split
 
     rng = np.random.default_rng(SEED)
     n, e = SCORE_MODELS, SCORE_FORGET
@@ -221,7 +221,10 @@ def write_store(root: Path) -> list[str]:
         "test_labels": rng.integers(0, 10, num_test),
         "retain_labels": rng.integers(0, 10, 1347 - e),
     }
-    store.init_experiment(load_config(None), split)
+    cfg = load_config(None)
+    store.init_experiment(cfg, split)
+    # The provenance every stored model carries (the store checks it when reading).
+    prov = {"config_hash": cfg.identity_hash(), "split_hash": hash_split(split)}
     margin = rng.uniform(2.0, 8.0, e)  # true-class logit over the others: confidence m - ln 9
 
     def outputs(shift: float) -> dict[str, np.ndarray]:
@@ -236,14 +239,15 @@ def write_store(root: Path) -> list[str]:
         }
 
     for seed in range(n):
-        store.save_outputs(REFERENCE, seed, outputs(0.0), {"wall_seconds": 1.0,
+        store.save_outputs(REFERENCE, seed, outputs(0.0), {**prov, "wall_seconds": 1.0,
                                                            "timing": "sequential"})
     methods = list(REGISTRY)[:SCORE_METHODS]
     for k, method in enumerate(methods):
         store.save_method(method, {"name": method, "spec": method, "params": {}})
         for seed in range(n):
             store.save_outputs(UNLEARNED, 1_000_000 + seed, outputs(0.1 * k),
-                               {"wall_seconds": 0.1, "timing": "sequential"}, method=method)
+                               {**prov, "wall_seconds": 0.1, "timing": "sequential"},
+                               method=method)
     return methods
 
 

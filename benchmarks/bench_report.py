@@ -44,7 +44,7 @@ def synthetic_store(root: Path, num_models: int, seed: int = 0) -> Path:
     """A digits store whose model outputs are random draws (see the module docstring)."""
     from unlearn_cli.config import load_config
     from unlearn_cli.data import _digits_arrays, make_split
-    from unlearn_cli.store import REFERENCE, UNLEARNED, Store
+    from unlearn_cli.store import REFERENCE, UNLEARNED, Store, hash_split
 
     cfg = load_config(None)
     _, labels = _digits_arrays()
@@ -53,6 +53,8 @@ def synthetic_store(root: Path, num_models: int, seed: int = 0) -> Path:
         split[f"{part}_labels"] = labels[split[part]].astype(np.int64)
     store = Store(root)
     store.init_experiment(cfg, split)
+    # The provenance every stored model carries (the store checks it when reading).
+    prov = {"config_hash": cfg.identity_hash(), "split_hash": hash_split(split)}
     rng = np.random.default_rng(seed)
     forget_y, test_y = split["forget_labels"], split["test_labels"]
     num_forget, num_test, num_retain = forget_y.size, test_y.size, split["retain"].size
@@ -71,13 +73,13 @@ def synthetic_store(root: Path, num_models: int, seed: int = 0) -> Path:
 
     for s in range(num_models):
         store.save_outputs(REFERENCE, s, outputs(0.0, 1.0),
-                           {"wall_seconds": 5.0, "timing": "sequential"})
+                           {**prov, "wall_seconds": 5.0, "timing": "sequential"})
     for j, method in enumerate(METHODS):
         store.save_method(method, {"name": method, "spec": method, "params": {}})
         shift, width = 1.5 * j / (len(METHODS) - 1), 0.5 + j % 3 * 0.4
         for s in range(num_models):
             store.save_outputs(UNLEARNED, 1_000_000 + s, outputs(shift, width),
-                               {"wall_seconds": 0.3 + 0.1 * j, "timing": "sequential"},
+                               {**prov, "wall_seconds": 0.3 + 0.1 * j, "timing": "sequential"},
                                method=method)
     return root
 

@@ -6,6 +6,8 @@ memory, load average before and after) and at which commit it ran. A benchmark t
 recorded as failed and makes the whole run exit non-zero.
 
 Usage: python benchmarks/run_all.py [script.py ...]   (default: every script in SCRIPTS)
+Naming scripts reruns just those: their sections of latest.txt are replaced (each keeps its own
+header line: when, load, commit), the others are kept as they were.
 """
 
 from __future__ import annotations
@@ -105,7 +107,17 @@ def main(argv: list[str]) -> int:
         sections.append(f"\n## {name} ({status}, {took:.1f} s)\n" + "".join(lines))
     header.append(f"# load average after: {_load()}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(header) + "\n" + "".join(sections))
+    if argv and OUT.exists():  # a partial rerun: replace those sections, keep the others
+        head, *parts = OUT.read_text().split("\n## ")
+        kept = {part.split()[0]: "\n## " + part.rstrip("\n") + "\n" for part in parts}
+        for name, section in zip(scripts, sections):
+            note = f" [rerun {header[0][2:]}, commit {_commit()}, load {_load()}]"
+            first, _, body = section.lstrip("\n").partition("\n")
+            kept[name] = "\n" + first + note + "\n" + body
+        order = [n for n in SCRIPTS if n in kept] + [n for n in kept if n not in SCRIPTS]
+        OUT.write_text(head + "\n" + "".join(kept[n] for n in order))
+    else:
+        OUT.write_text("\n".join(header) + "\n" + "".join(sections))
     print(f"\nwritten: {OUT.relative_to(ROOT)}" + (f"; failed: {', '.join(failed)}" if failed
                                                      else ""))
     return 1 if failed else 0

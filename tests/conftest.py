@@ -39,3 +39,18 @@ def trained_store(tmp_path_factory):
     apply.run(cfg, root, method_spec="finetune")
     apply.run(cfg, root, method_spec="none")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's in-process work, as each launcher worker has
+    (`launch.threads`): tiny models are fastest that way, and a second thread fighting other
+    processes for two cores made a tiny ShuffleNet forward 40x slower (5.6 s against 0.14 s at
+    load 16)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

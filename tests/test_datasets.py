@@ -25,15 +25,7 @@ TINY = ["train.epochs=1", "train.batch_size=256", "model.hidden=[16]",
 COMMON = ["--device", "cpu", "--workers", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Jobs run in this process (one CPU worker runs inline) with torch's default thread count;
-    on a busy machine two threads spin against each other: a tiny ShuffleNet forward took 5.6 s
-    with 2 threads and 0.14 s with 1 (measured at load 16 on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args):

@@ -48,14 +48,7 @@ class Setup:
     test_y: torch.Tensor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as each launcher worker has: the digits MLP is fastest that way, and a
-    second thread fighting other processes for two cores makes these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

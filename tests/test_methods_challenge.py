@@ -40,12 +40,7 @@ def digits() -> Setup:
     return make_setup()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def call(digits: Setup, name: str, data: UnlearnData | None = None, **overrides) -> nn.Module:

@@ -27,14 +27,7 @@ from unlearn_cli.methods.api import UnlearnData
 from unlearn_cli.models import init_model, model_spec
 from unlearn_cli.score import _kept
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
