@@ -47,3 +47,11 @@ def blob_job(payload, *, device, progress, shared):
         blob = rng.randbytes(payload["size"])
         yield {"key": (payload["value"], k), "pid": os.getpid(), "blob": blob,
                "sha": hashlib.sha256(blob).hexdigest(), "tag": shared["tag"]}
+
+
+def env_job(payload, *, device, progress):
+    """What a worker sees of the parent: an environment variable and its import path."""
+    import sys
+
+    yield {"value": os.environ.get("UNLEARN_TEST_MARK"), "path": payload["path"] in sys.path,
+           "torch_loaded": "torch" in sys.modules, "pid": os.getpid()}

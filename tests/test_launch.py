@@ -165,3 +165,41 @@ def test_bad_backend_is_refused_with_the_valid_names(tmp_path):
                                       str(tmp_path / "s"), "--backend", "slurm"])
     assert result.exit_code == 1
     assert "launch.backend: expected local or ray, got 'slurm'" in result.output
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_see_the_parent_environment_of_the_moment_they_start(tmp_path, monkeypatch,
+                                                                     method):
+    """Workers fork from a server started earlier (launch_local.prestart), yet each one takes the
+    command's environment and import path as they are when it starts, as a spawned one would."""
+    from unlearn_cli import launch_local
+
+    monkeypatch.setenv("UNLEARN_START_METHOD", method)
+    launch_local.prestart()  # the server (if any) starts before the variable below is set
+    monkeypatch.setenv("UNLEARN_TEST_MARK", f"mark-{method}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = []
+    slots = plan_slots("cpu", workers=2, workers_per_gpu=1, num_jobs=2)
+    outcomes = run_jobs([Job(f"j{i}", "launch_jobs:env_job", {"path": str(tmp_path)})
+                         for i in range(2)], slots, inline=False,
+                        on_result=lambda job_id, value: results.append(value) or True)
+    assert all(o.ok for o in outcomes)
+    assert [r["value"] for r in results] == [f"mark-{method}"] * 2
+    assert all(r["path"] for r in results)
+    assert launch_local.start_method() == method
+    # Forked from the server, a worker has torch already (imported once, there).
+    assert all(r["torch_loaded"] for r in results) == (method == "forkserver")
+
+
+def test_the_fork_server_preload_never_initialises_cuda():
+    """Forked workers may use CUDA only if the server never touched it: importing every
+    preloaded module must leave CUDA uninitialised (checked in a fresh interpreter)."""
+    import subprocess
+
+    from unlearn_cli.launch_local import PRELOAD
+
+    code = (f"import torch\nfor m in {PRELOAD!r}: __import__(m)\n"
+            "print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False"

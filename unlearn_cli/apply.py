@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import Config, check_num_models
 from .errors import MethodError, StoreError, UnlearnError
-from .launch import Job, JobOutcome, plan, plan_slots, raise_failures, run_jobs
+from .launch import Job, JobOutcome, plan, plan_slots, prestart, raise_failures, run_jobs
 from .methods import (
     Interrupts,
     check_method_sections,
@@ -26,6 +26,7 @@ from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
 UNLEARN_SEED_BASE = 1_000_000
 JOB_SIZE = 10  # unlearning runs per job: a crash loses at most this many per worker
+ENSEMBLE_CHUNK = 25  # runs per job of a method run in lockstep (the first of them timed alone)
 DRY_RUN_REPEAT_SECONDS = 30.0  # a dry run whose first run took less is run again, timed warm
 
 
@@ -91,9 +92,13 @@ def run(
     refs = check_ready(store)
     store.check_compatible(cfg)
     store.check_identity()
+    n = num_models if num_models is not None else len(refs)
+    # Workers fork from a server that imports torch now, beside this process's own imports.
+    stored = set(store.done_seeds(UNLEARNED, method_spec))
+    todo = sum(unlearn_seed(i) not in stored for i in range(n))
+    prestart(cfg.launch, num_jobs=todo)
     params = method_params(method, cfg)
     original = check_data_and_model(cfg, store)  # and a damaged checkpoint, before any worker
-    n = num_models if num_models is not None else len(refs)
     record = {
         "name": method_spec,
         "spec": method_spec,
@@ -111,15 +116,17 @@ def run(
         missing = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in done]
         launch = cfg.launch
         slots = plan(launch, num_jobs=len(missing))  # nothing missing: no cluster is joined
-        size = launch.chunk_size or JOB_SIZE
-        size = max(1, min(size, -(-len(missing) // len(slots)) if missing else 1))
         from .context import gpu_workers, store_trained
+        from .train_refs import choose_engine
 
-        base = {"config": cfg.to_dict(), "method": method_spec, "gpu_workers": gpu_workers(slots)}
+        engine = ("ensemble" if lockstep_of(method) is not None
+                  and choose_engine(cfg, slots[0].device) == "ensemble" else "loop")
+        base = {"config": cfg.to_dict(), "method": method_spec, "gpu_workers": gpu_workers(slots),
+                "engine": engine}
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
                 {**base, "seeds": chunk}, len(chunk))
-            for chunk in (missing[i : i + size] for i in range(0, len(missing), size))
+            for chunk in _chunks(missing, launch.chunk_size, len(slots), engine)
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
@@ -127,7 +134,7 @@ def run(
             from .train_refs import describe_launch
 
             on_event("plan", "", f"running {method_spec} {len(missing)} time(s): "
-                                 f"{describe_launch(jobs, slots)}")
+                                 f"{describe_launch(jobs, slots, engine)}")
         # Workers get the original model with the data (once per worker or Ray node), not a path,
         # and hand each run back: only this process writes the store.
         outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
@@ -137,6 +144,31 @@ def run(
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
     return ApplyResult(store.root, method_spec, missing, reused, outcomes, redone)
+
+
+def lockstep_of(method: Any) -> Any:
+    """The method's lockstep form, if it has one: `fn.lockstep(models, data, params, *, device,
+    seeds)` runs it once per seed on K copies of the original at once (`lockstep.fit_lockstep`)
+    and returns the K unlearned models, each the model `fn` would return for its seed up to float
+    rounding (tests/test_apply_lockstep.py). Built-ins: finetune, retrain; a plugin may set it."""
+    return getattr(method.fn, "lockstep", None)
+
+
+def _chunks(missing: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
+    """The jobs' seeds. Lockstep (ensemble engine): runs of consecutive run indices cut at
+    multiples of the chunk size (ENSEMBLE_CHUNK by default), from the seeds alone, because which
+    runs share a lockstep group changes their float rounding: the results must not depend on
+    --workers. One at a time (loop): JOB_SIZE runs per job, fewer so that every slot gets work;
+    each run is then independent of which job it is in."""
+    if engine == "ensemble":
+        size = chunk_size if chunk_size > 0 else ENSEMBLE_CHUNK
+        chunks: dict[int, list[int]] = {}
+        for seed in missing:
+            chunks.setdefault((seed - UNLEARN_SEED_BASE) // size, []).append(seed)
+        return list(chunks.values())
+    size = chunk_size or JOB_SIZE
+    size = max(1, min(size, -(-len(missing) // num_slots) if missing else 1))
+    return [missing[i : i + size] for i in range(0, len(missing), size)]
 
 
 def _shared(cfg: Config, store: Store, original: dict[str, Any]) -> dict[str, Any]:
@@ -162,38 +194,73 @@ def _run_once(ctx: Any, method: Any, params: Any, original: dict[str, Any], data
     import torch
     from torch import nn
 
-    from .context import Stopwatch
+    model = _original_copy(ctx, original)
+    torch.manual_seed(seed)
+    result, seconds, cpu_seconds = _call_method(
+        ctx, method, data, lambda: method.fn(model, data, params, device=ctx.device, seed=seed),
+        f"seed {seed}")
+    if not isinstance(result, nn.Module):
+        raise MethodError(
+            f"method {method.spec!r} returned {type(result).__name__} at seed {seed}; "
+            "it must return the unlearned torch.nn.Module"
+        )
+    return result.eval(), seconds, cpu_seconds
+
+
+def _original_copy(ctx: Any, original: dict[str, Any]) -> Any:
     from .models import build_model
+
+    model = build_model(original["model"])
+    model.load_state_dict(original["state_dict"])
+    return model.to(ctx.device).eval()
+
+
+def _call_method(ctx: Any, method: Any, data: Any, call: Callable[[], Any], where: str
+                 ) -> tuple[Any, float, float]:
+    """call() (the method's code) with the experiment's speed options, timed: (its result, wall
+    seconds, CPU seconds). Whatever the method raises or exits with becomes one MethodError line
+    naming the method and `where` (the seeds); a real Ctrl-C goes on up."""
+    from .context import Stopwatch
     from .train_refs import CpuClock
     from .training import speed_options
 
-    spec = method.spec
-    model = build_model(original["model"])
-    model.load_state_dict(original["state_dict"])
-    model.to(ctx.device).eval()
-    torch.manual_seed(seed)
     interrupts = Interrupts()
     try:
         with interrupts, speed_options(**data.speed), Stopwatch(ctx.device) as watch, \
                 CpuClock() as cpu:
-            result = method.fn(model, data, params, device=ctx.device, seed=seed)
+            result = call()
     except UnlearnError:
         raise
     except BaseException as exc:  # noqa: BLE001 - the method's code: sys.exit, its own ^C
         what = user_code_error(exc, interrupts)
         if what is not None:
-            raise MethodError(f"method {spec!r} {what} at seed {seed}") from None
+            raise MethodError(f"method {method.spec!r} {what} at {where}") from None
         if not isinstance(exc, Exception):
             raise  # a real Ctrl-C: stop the run, keep what is stored
         raise MethodError(
-            f"method {spec!r} failed at seed {seed}: {type(exc).__name__}: {exc}"
+            f"method {method.spec!r} failed at {where}: {type(exc).__name__}: {exc}"
         ) from exc
-    if not isinstance(result, nn.Module):
-        raise MethodError(
-            f"method {spec!r} returned {type(result).__name__} at seed {seed}; "
-            "it must return the unlearned torch.nn.Module"
-        )
-    return result.eval(), watch.seconds, cpu.seconds
+    return result, watch.seconds, cpu.seconds
+
+
+def _run_lockstep(ctx: Any, method: Any, params: Any, original: dict[str, Any], data: Any,
+                  seeds: list[int]) -> tuple[list[Any], float, float]:
+    """Run the method once per seed in lockstep (`lockstep_of`): (the K unlearned models, wall
+    seconds, CPU seconds of the whole group)."""
+    import torch
+    from torch import nn
+
+    models = [_original_copy(ctx, original) for _ in seeds]
+    torch.manual_seed(seeds[0])
+    where = f"seeds {seeds[0]}..{seeds[-1]} (run in lockstep)"
+    result, seconds, cpu_seconds = _call_method(
+        ctx, method, data,
+        lambda: lockstep_of(method)(models, data, params, device=ctx.device, seeds=seeds), where)
+    if not (isinstance(result, (list, tuple)) and len(result) == len(seeds)
+            and all(isinstance(m, nn.Module) for m in result)):
+        raise MethodError(f"method {method.spec!r}'s lockstep form returned {type(result).__name__}"
+                          f" at {where}; it must return one torch.nn.Module per seed")
+    return [m.eval() for m in result], seconds, cpu_seconds
 
 
 def _method_data(ctx: Any) -> Any:
@@ -231,7 +298,10 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
-    for seed in payload["seeds"]:
+    # Lockstep: the job's first run alone (its time is an honest single-run time for the runtime
+    # ratio, like train-refs' first model of a job), the others at once.
+    together = todo[1:] if payload.get("engine") == "ensemble" and len(todo) > 2 else []
+    for seed in todo[: len(todo) - len(together)]:
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
             model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)
@@ -243,6 +313,25 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             failures.append(str(exc))
             continue
         yield trained
+    if together:
+        try:
+            models, seconds, cpu_seconds = _run_lockstep(ctx, method, params, original, data,
+                                                         together)
+        except MethodError as exc:
+            failures.append(str(exc))
+            models = []
+        for seed, model in zip(together, models):
+            meta = provenance(ctx, UNLEARNED, seed, method=spec,
+                              wall_seconds=seconds / len(together),
+                              cpu_seconds=cpu_seconds / len(together),
+                              run_index=seed - UNLEARN_SEED_BASE, timing="ensemble-share",
+                              engine="ensemble", ensemble_size=len(together), **timing_context())
+            try:
+                trained = finish_model(ctx, UNLEARNED, seed, model, meta, method=spec)
+            except MethodError as exc:
+                failures.append(str(exc))
+                continue
+            yield trained
     if failures:
         more = f" (and {len(failures) - 1} more seed(s) of this job)" if len(failures) > 1 else ""
         raise MethodError(failures[0] + more)

@@ -3,9 +3,10 @@
 Jobs are plain data (`Job`): an id, a target `"module:function"` and a payload. `run_jobs` runs
 them on one of two sibling backends that share this module's types and `run_job_here`:
 
-- `launch_local`: one long-lived worker process per device slot (start method `spawn`), one pipe
-  per worker; the parent never initialises CUDA (it counts GPUs through NVML, and each GPU worker
-  is pinned with CUDA_VISIBLE_DEVICES before it imports torch);
+- `launch_local`: one long-lived worker process per device slot (forked from a server that
+  imported torch once, `launch_local.prestart`), one pipe per worker; neither the parent nor
+  that server initialises CUDA (GPUs are counted through NVML), and each GPU worker is pinned
+  with CUDA_VISIBLE_DEVICES before it first touches CUDA;
 - `launch_ray`: the same jobs as Ray tasks on a cluster (the only module that imports ray).
 
 Neither backend imports the other, and nothing above this module learns which one ran a job.
@@ -175,6 +176,23 @@ def plan(launch: Any, *, num_jobs: int) -> list[Slot]:
         return launch_ray.plan_slots(launch, num_jobs=num_jobs)
     return plan_slots(launch.device, workers=launch.workers, workers_per_gpu=launch.workers_per_gpu,
                       num_jobs=num_jobs, threads=launch.threads)
+
+
+def prestart(launch: Any, *, num_jobs: int) -> None:
+    """Start the local backend's fork server now, in the background, when this command will
+    start local workers (not when its jobs run in this process, nor on Ray): its torch import
+    then overlaps the command's own imports and checks. Call it once the command knows it has
+    work; it costs nothing to call when the workers are not needed after all."""
+    if launch.backend != "local":
+        return
+    slots = plan_slots(launch.device, workers=launch.workers,
+                       workers_per_gpu=launch.workers_per_gpu, num_jobs=num_jobs,
+                       threads=launch.threads)
+    if num_jobs < 1 or len(slots) == 1 and slots[0].device == "cpu":
+        return  # one CPU slot: the jobs run in this process
+    from .launch_local import prestart as start_server
+
+    start_server()
 
 
 def check_backend(backend: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, check_num_models
-from .launch import Job, JobOutcome, Lazy, plan, raise_failures, run_jobs
+from .launch import Job, JobOutcome, Lazy, plan, prestart, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -106,6 +106,11 @@ def run(
     check_num_models(num_models)
     store = Store(store_root)
     exp = store.check_compatible(cfg) if store.exists() else {}  # fail fast, touching nothing
+    # Workers fork from a server that imports torch now, beside this process's own imports.
+    stored = set(store.done_seeds(REFERENCE)) if exp else set()
+    missing = [s for s in range(num_models) if s not in stored]
+    jobs = _chunks(missing, cfg.launch.chunk_size, 1, choose_engine(cfg, "cpu"))
+    prestart(cfg.launch, num_jobs=len(jobs) + int(not (exp and store.is_done(ORIGINAL))))
     dataset, spec = load_checked(cfg, store, exp)
     split = prepare_split(cfg, dataset)
     with store.writing():

@@ -485,7 +485,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seeds: Sequenc
     def batch_of(idx: torch.Tensor, shift: torch.Tensor | None, flips: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """idx [B] (or [K, B] stacked) -> augmented images and labels."""
-        xb, yb = x[idx], y[idx]
+        if stacked:  # one flat gather for all members: cheaper than advanced indexing by [K, B]
+            flat_idx = idx.reshape(-1)
+            xb = x.index_select(0, flat_idx).view(*idx.shape, *x.shape[1:])
+            yb = y.index_select(0, flat_idx).view(idx.shape)
+        else:
+            xb, yb = x[idx], y[idx]
         if shift is not None or flips is not None:
             flat = crop_flip(xb.flatten(0, 1) if stacked else xb,
                              None if shift is None else shift.reshape(-1, 2),

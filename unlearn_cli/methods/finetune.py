@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from ..training import fit
+from ..training import fit, fit_ensemble
 from .api import UnlearnData
 
 
@@ -30,3 +30,17 @@ def unlearn(model: nn.Module, data: UnlearnData, params: Params, *, device, seed
         epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
         momentum=params.momentum, weight_decay=params.weight_decay, seed=seed,
     )
+
+
+def unlearn_lockstep(models: list[nn.Module], data: UnlearnData, params: Params, *, device,
+                     seeds: list[int]) -> list[nn.Module]:
+    """`unlearn` for K copies of the original at once, member k with seeds[k] (apply's ensemble
+    engine; `lockstep.fit_lockstep`): the same models as K calls, up to float rounding."""
+    return fit_ensemble(
+        models, data.retain_x, data.retain_y,
+        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
+        momentum=params.momentum, weight_decay=params.weight_decay, seeds=seeds,
+    )
+
+
+unlearn.lockstep = unlearn_lockstep

@@ -24,7 +24,7 @@ import dataclasses
 from torch import nn
 
 from ..config import TrainConfig
-from ..training import fit, recipe
+from ..training import fit, fit_ensemble, recipe
 from .api import UnlearnData, reinitialise
 
 
@@ -46,3 +46,23 @@ def unlearn(model: nn.Module, data: UnlearnData, params: Params, *, device, seed
     else:
         reinitialise(model, seed)
     return fit(model, data.retain_x, data.retain_y, seed=seed, **train)
+
+
+def unlearn_lockstep(models: list[nn.Module], data: UnlearnData, params: Params, *, device,
+                     seeds: list[int]) -> list[nn.Module]:
+    """`unlearn` for K seeds at once (apply's ensemble engine), as train-refs trains reference
+    models in lockstep: fresh models from each seed, trained together on the retain set."""
+    if data.model_spec is None:  # no spec: re-initialise the copies in place, one by one
+        for model, seed in zip(models, seeds):
+            reinitialise(model, seed)
+    else:
+        from ..models import init_from_data, init_model
+
+        models = [init_model(dict(data.model_spec), seed).to(device) for seed in seeds]
+        for model in models:
+            init_from_data(model, data.retain_x)
+    train = data.train_recipe if data.train_recipe is not None else recipe(TrainConfig())
+    return fit_ensemble(models, data.retain_x, data.retain_y, seeds=seeds, **train)
+
+
+unlearn.lockstep = unlearn_lockstep
