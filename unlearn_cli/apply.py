@@ -90,13 +90,13 @@ def run(
     check_method_sections(cfg, (method.name,) if is_plugin(method_spec) else ())
     store = Store(store_root)
     refs = check_ready(store)
+    n = num_models if num_models is not None else len(refs)
+    # Workers fork from a server that imports torch now, beside this process's own imports and
+    # checks (a refusal below costs only that server's start, in the background).
+    stored = set(store.done_seeds(UNLEARNED, method_spec))
+    prestart(cfg.launch, num_jobs=sum(unlearn_seed(i) not in stored for i in range(n)))
     store.check_compatible(cfg)
     store.check_identity()
-    n = num_models if num_models is not None else len(refs)
-    # Workers fork from a server that imports torch now, beside this process's own imports.
-    stored = set(store.done_seeds(UNLEARNED, method_spec))
-    todo = sum(unlearn_seed(i) not in stored for i in range(n))
-    prestart(cfg.launch, num_jobs=todo)
     params = method_params(method, cfg)
     original = check_data_and_model(cfg, store)  # and a damaged checkpoint, before any worker
     record = {

@@ -183,13 +183,15 @@ def prestart(launch: Any, *, num_jobs: int) -> None:
     start local workers (not when its jobs run in this process, nor on Ray): its torch import
     then overlaps the command's own imports and checks. Call it once the command knows it has
     work; it costs nothing to call when the workers are not needed after all."""
-    if launch.backend != "local":
+    if launch.backend != "local" or num_jobs < 1:
         return
-    slots = plan_slots(launch.device, workers=launch.workers,
-                       workers_per_gpu=launch.workers_per_gpu, num_jobs=num_jobs,
-                       threads=launch.threads)
-    if num_jobs < 1 or len(slots) == 1 and slots[0].device == "cpu":
-        return  # one CPU slot: the jobs run in this process
+    # Guessed without counting GPUs (that would import torch here first): on a CPU, one slot
+    # means the jobs run in this process; with --device auto and one slot it may be a GPU, whose
+    # worker then starts the server itself.
+    threads = max(1, min(int(launch.threads), cpu_count()))
+    slots = min(num_jobs, launch.workers if launch.workers > 0 else max(1, cpu_count() // threads))
+    if slots <= 1 and not str(launch.device).strip().lower().startswith("cuda"):
+        return
     from .launch_local import prestart as start_server
 
     start_server()

@@ -459,11 +459,6 @@ def supports_ensemble(model: nn.Module) -> bool:
     return all(key in names for key in model.state_dict())
 
 
-def arch_supports_ensemble(arch: str) -> bool:
-    """`supports_ensemble` by architecture name, without building a model."""
-    return arch == "mlp"
-
-
 # ---------------------------------------------------------------- cost
 
 

@@ -18,6 +18,7 @@ from .launch import Job, JobOutcome, Lazy, plan, prestart, raise_failures, run_j
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
+ENSEMBLE_ARCHS = ("mlp",)  # engine auto on a CPU: these train as lockstep ensembles
 MAX_ENSEMBLE_CHUNK = 25  # models per ensemble job: bounds the work a crash can lose
 
 
@@ -88,9 +89,8 @@ def choose_engine(cfg: Config, device: str) -> str:
         return cfg.train.engine
     if device != "cpu":
         return "loop"
-    from .models import arch_supports_ensemble
-
-    return "ensemble" if arch_supports_ensemble(cfg.model.arch) else "loop"
+    # By name, without importing torch (this runs before the fork server is started).
+    return "ensemble" if cfg.model.arch in ENSEMBLE_ARCHS else "loop"
 
 
 def run(
