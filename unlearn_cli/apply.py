@@ -281,7 +281,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
     driver stores it); runs in a worker."""
     from .context import context, finish_model, provenance, timing
-    from .train_refs import timing_context, warm_steps
+    from .train_refs import Probe, timing_context, warm_steps
     from .training import recipe, warm_up_method
 
     ctx = context(payload, device, shared)
@@ -297,6 +297,11 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     if todo:  # on a GPU: autotuning and compilation untimed, once per worker and method
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
+    # The machine's speed around the runs timed alone (train_refs.Probe): before the first and
+    # after the last, so that the runtime ratio can compare work rather than loads.
+    probe = Probe(ctx, recipe(ctx.cfg.train))
+    probe.take()
+    alone: list[Any] = []
     failures: list[str] = []
     # Lockstep: the job's first run alone (its time is an honest single-run time for the runtime
     # ratio, like train-refs' first model of a job), the others at once.
@@ -308,10 +313,12 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               cpu_seconds=cpu_seconds, run_index=seed - UNLEARN_SEED_BASE,
                               **timing(ctx, payload), **timing_context())
-            trained = finish_model(ctx, UNLEARNED, seed, model, meta, method=spec)
+            alone.append(finish_model(ctx, UNLEARNED, seed, model, meta, method=spec))
         except MethodError as exc:  # also outputs that do not fit, e.g. 20 logits for 10 classes
             failures.append(str(exc))
-            continue
+    probe.take()
+    for trained in alone:  # handed over after the closing probe, which their metadata carries
+        trained.meta.update(probe.meta())
         yield trained
     if together:
         try:

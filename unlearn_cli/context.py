@@ -133,7 +133,9 @@ def finish_model(ctx: Context, kind: str, seed: int | None, model: nn.Module,
             f"({problem}); nothing was stored for it: fix the model or method (one output per "
             "class) and rerun"
         )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # A copy, never a view: a worker reuses one module per spec (models.fresh_model), so the next
+    # model trained would otherwise overwrite this one's weights before it is stored.
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return Trained(kind, seed, method, state, outputs, meta, ctx.spec)
 
 

@@ -254,6 +254,49 @@ def warm_steps(ctx: Any, options: dict[str, Any]) -> None:
     fit(model, x[:size], y[:size], **{**options, "epochs": 1, "compile": "none"}, seed=0)
 
 
+PROBE_STEPS = 24  # training steps of the reference recipe in one speed probe
+
+
+class Probe:
+    """The machine's speed of the moment, for the runtime ratio: CPU and wall seconds of
+    PROBE_STEPS training steps of the reference recipe on a throwaway model (retain set, no
+    compilation), taken before and after the models it vouches for, averaged.
+
+    Both sides of the ratio store it beside their times, so that `score` can divide each time by
+    the probe taken around it: a ratio of two times taken under different loads (the bank in the
+    morning, the method at noon on a busier machine) becomes a ratio of work. Costs a few percent
+    of one model's training (24 steps; a digits model takes 570).
+    """
+
+    def __init__(self, ctx: Any, options: dict[str, Any]):
+        self.ctx, self.options = ctx, options
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+
+    def take(self) -> None:
+        from .context import Stopwatch
+        from .models import init_model
+        from .training import fit
+
+        x, y = self.ctx.subset("retain")
+        batch = self.options["batch_size"]
+        size = min(len(y), PROBE_STEPS * batch)
+        epochs = max(1, -(-PROBE_STEPS * batch // max(size, 1)))
+        model = init_model(self.ctx.spec, 0).to(self.ctx.device)
+        options = {**self.options, "epochs": epochs, "compile": "none", "cuda_graph": False}
+        with Stopwatch(self.ctx.device) as watch, CpuClock() as cpu:
+            fit(model, x[:size], y[:size], **options, seed=0)
+        self.cpu.append(cpu.seconds)
+        self.wall.append(watch.seconds)
+
+    def meta(self) -> dict[str, float]:
+        """probe_cpu_seconds, probe_wall_seconds: the mean of the probes taken so far."""
+        if not self.cpu:
+            return {}
+        return {"probe_cpu_seconds": sum(self.cpu) / len(self.cpu),
+                "probe_wall_seconds": sum(self.wall) / len(self.wall)}
+
+
 def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int], None],
               shared: dict[str, Any]) -> Iterator[Any]:
     """Train the models of one job, yielding each as a `context.Trained` (the driver stores it).
@@ -287,9 +330,12 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     # The first model of a job is always trained alone: its wall time is an honest "retrain from
     # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
     first, rest = seeds[0], seeds[1:]
+    probe = Probe(ctx, options)
+    probe.take()
     model, seconds, cpu_seconds = train_alone(seed_of(first))
+    probe.take()
     meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                      engine="loop", **timing(ctx, payload), **timing_context())
+                      engine="loop", **timing(ctx, payload), **timing_context(), **probe.meta())
     yield finish_model(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     if not rest:
         return
@@ -311,6 +357,8 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         return
     for seed in rest:
         model, seconds, cpu_seconds = train_alone(seed)
+        probe.take()  # one more probe per model: still a few percent of its training
         meta = provenance(ctx, kind, seed, wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                          engine="loop", **timing(ctx, payload), **timing_context())
+                          engine="loop", **timing(ctx, payload), **timing_context(),
+                          **probe.meta())
         yield finish_model(ctx, kind, seed, model, meta)
