@@ -172,8 +172,11 @@ def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None
     """`5 jobs on 2 CPU workers, 1 thread each (ensemble engine)`: how a run will be spread."""
     kind = "GPU" if slots[0].gpu >= 0 else "CPU"
     threads = slots[0].threads
+    engine_note = f" ({engine} engine)" if engine else ""
+    if len(slots) == 1 and kind == "CPU":  # launch.run_jobs runs these in this process
+        return f"{len(jobs)} job(s) in this process, {threads} thread(s){engine_note}"
     return (f"{len(jobs)} job(s) on {len(slots)} {kind} worker(s), {threads} thread(s) each"
-            + (f" ({engine} engine)" if engine else ""))
+            + engine_note)
 
 
 def shared_inputs(cfg: Config, split: dict[str, Any], store: Store,
