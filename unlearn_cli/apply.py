@@ -297,28 +297,26 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     if todo:  # on a GPU: autotuning and compilation untimed, once per worker and method
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
-    # The machine's speed around the runs timed alone (train_refs.Probe): before the first and
-    # after the last, so that the runtime ratio can compare work rather than loads.
-    probe = Probe(ctx, recipe(ctx.cfg.train))
-    probe.take()
-    alone: list[Any] = []
     failures: list[str] = []
     # Lockstep: the job's first run alone (its time is an honest single-run time for the runtime
     # ratio, like train-refs' first model of a job), the others at once.
     together = todo[1:] if payload.get("engine") == "ensemble" and len(todo) > 2 else []
+    # Every run timed alone is timed between two speed probes (train_refs.Probe), as train-refs
+    # times its models: `score` divides each time by its probe.
+    probe = Probe(ctx, recipe(ctx.cfg.train))
+    probe.take()
     for seed in todo[: len(todo) - len(together)]:
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
             model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)
+            speed = probe.take()
             meta = provenance(ctx, UNLEARNED, seed, method=spec, wall_seconds=seconds,
                               cpu_seconds=cpu_seconds, run_index=seed - UNLEARN_SEED_BASE,
-                              **timing(ctx, payload), **timing_context())
-            alone.append(finish_model(ctx, UNLEARNED, seed, model, meta, method=spec))
+                              **timing(ctx, payload), **timing_context(), **speed)
+            trained = finish_model(ctx, UNLEARNED, seed, model, meta, method=spec)
         except MethodError as exc:  # also outputs that do not fit, e.g. 20 logits for 10 classes
             failures.append(str(exc))
-    probe.take()
-    for trained in alone:  # handed over after the closing probe, which their metadata carries
-        trained.meta.update(probe.meta())
+            continue
         yield trained
     if together:
         try:

@@ -29,6 +29,7 @@ def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = No
     """Stack one bank's outputs: forget/test logits [N, E, C], retain correctness [N, R], ..."""
     parts: dict[str, list[np.ndarray]] = {}
     walls, cpus, devices, timings, loads, threads = [], [], [], [], [], []
+    probes: dict[str, list[float]] = {"cpu": [], "wall": []}
     for seed in seeds:
         arrays, meta = store.load_outputs(kind, seed, method)
         for key, value in arrays.items():
@@ -39,6 +40,8 @@ def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = No
         timings.append(meta.get("timing", "sequential"))
         loads.append(float(meta.get("load_average", np.nan)))  # absent in older stores
         threads.append(meta.get("threads"))
+        for clock, values in probes.items():  # the speed probe around it (train_refs.Probe)
+            values.append(float(meta.get(f"probe_{clock}_seconds", np.nan)))
     bank: dict[str, Any] = {k: np.stack(v) for k, v in parts.items()}
     bank["wall_seconds"] = np.asarray(walls)
     bank["cpu_seconds"] = np.asarray(cpus)
@@ -46,6 +49,8 @@ def _bank(store: Store, kind: str, seeds: Sequence[int], method: str | None = No
     bank["timing"] = timings
     bank["load_average"] = np.asarray(loads)
     bank["threads"] = threads
+    for clock, values in probes.items():
+        bank[f"probe_{clock}_seconds"] = np.asarray(values)
     return bank
 
 
@@ -76,6 +81,26 @@ def _kept(bank: dict[str, Any], alone_only: bool) -> tuple[list[int], str]:
                       "GPU (not alone)")
     # Only ensemble shares (older stores): say that they understate.
     return list(range(len(bank["timing"]))), "share of ensemble training (understates)"
+
+
+def _probed_ratio(unl: dict[str, Any], u_keep: list[int], refs: dict[str, Any],
+                  r_keep: list[int], clock: str) -> tuple[float, int, int] | None:
+    """The runtime ratio in units of the speed probe (train_refs.Probe), from the counted models
+    that were timed between two probes (the first of every job): median(time / probe) of the
+    unlearning runs over the same for the retrained models, with how many of each it used; None
+    when either side has none (stores made before probes). Each time is divided by the machine's
+    speed of its moment, so a bank timed on a quiet machine and a method timed on a busy one
+    still compare their work."""
+    parts, counts = [], []
+    for bank, keep in ((unl, u_keep), (refs, r_keep)):
+        probe = bank[f"probe_{clock}_seconds"][keep]
+        probed = np.isfinite(probe) & (probe > 0)
+        if not probed.any():
+            return None
+        seconds = bank[f"{clock}_seconds"][keep][probed]
+        parts.append(float(np.median(seconds / probe[probed])))
+        counts.append(int(probed.sum()))
+    return _ratio(*parts), counts[0], counts[1]
 
 
 def _clock(*sides: tuple[dict[str, Any], list[int]]) -> str:
@@ -207,7 +232,9 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
     clock = _clock((unl, u_keep[0]), (refs, r_keep[0]))
     u_time, r_time = _timed(unl, *u_keep, clock), _timed(refs, *r_keep, clock)
     u_sec, r_sec = u_time["seconds"], r_time["seconds"]
-    runtime_ratio = _ratio(u_sec, r_sec)
+    raw_ratio = _ratio(u_sec, r_sec)
+    probed = _probed_ratio(unl, u_keep[0], refs, r_keep[0], clock)
+    runtime_ratio = raw_ratio if probed is None else probed[0]
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "method": method,
@@ -252,6 +279,12 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
         "load_average": {"unlearned": u_time["load_average"],
                          "retrained": r_time["load_average"]},
         "threads": {"unlearned": u_time["threads"], "retrained": r_time["threads"]},
+        # ratio: in units of the speed probe taken around the first model of every job when both
+        # sides have such models (normalised: how many of each), else seconds over seconds;
+        # ratio_raw: always the latter.
+        "normalised": (None if probed is None
+                       else {"unlearned": probed[1], "retrained": probed[2]}),
+        "ratio_raw": raw_ratio,
         "ratio": runtime_ratio,
         "gate": RUNTIME_GATE,
         "over_gate": bool(runtime_ratio > RUNTIME_GATE),

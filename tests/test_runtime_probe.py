@@ -1,0 +1,54 @@
+"""The runtime ratio in units of a speed probe (train_refs.Probe): each side's times divided by
+the machine's speed of their moment, so that loads that differ between train-refs and apply do not
+read as costs."""
+
+import numpy as np
+import pytest
+
+from unlearn_cli import score
+from unlearn_cli.store import REFERENCE, UNLEARNED, Store
+
+
+def _bank(cpu, probe):
+    n = len(cpu)
+    return {"cpu_seconds": np.asarray(cpu, float), "wall_seconds": np.full(n, np.nan),
+            "probe_cpu_seconds": np.asarray(probe, float),
+            "probe_wall_seconds": np.full(n, np.nan)}
+
+
+def test_worked_example_of_the_probed_ratio():
+    # Unlearning runs: 0.2 s, 0.3 s, 0.9 s under probes of 0.1, 0.1, 0.3 s -> 2, 3, 3 probes: 3.
+    # Retrained: 4 s and 8 s under probes 0.1 and 0.2 s (the second under twice the load) -> 40.
+    unl, refs = _bank([0.2, 0.3, 0.9], [0.1, 0.1, 0.3]), _bank([4.0, 8.0], [0.1, 0.2])
+    assert score._probed_ratio(unl, [0, 1, 2], refs, [0, 1], "cpu") == (pytest.approx(3 / 40),
+                                                                         3, 2)
+    # Seconds over seconds would read median 0.3 / median 6 = 0.05.
+    assert score._ratio(np.median(unl["cpu_seconds"]),
+                        np.median(refs["cpu_seconds"])) == pytest.approx(0.05)
+    # Only the counted models matter, and of them only those timed between probes (the first of
+    # every job); a side without any: no probed ratio.
+    assert score._probed_ratio(unl, [0, 1], refs, [0], "cpu")[0] == pytest.approx(2.5 / 40)
+    refs["probe_cpu_seconds"][1] = np.nan
+    assert score._probed_ratio(unl, [0, 1, 2], refs, [0, 1], "cpu") == (pytest.approx(3 / 40),
+                                                                         3, 1)
+    refs["probe_cpu_seconds"][0] = np.nan
+    assert score._probed_ratio(unl, [0, 1, 2], refs, [0, 1], "cpu") is None
+
+
+def test_models_timed_alone_carry_their_probe_and_the_report_uses_it(trained_store):
+    s = Store(trained_store)
+    metas = [s.load_outputs(REFERENCE, i)[1] for i in s.done_seeds(REFERENCE)]
+    metas += [s.load_outputs(UNLEARNED, i, "finetune")[1]
+              for i in s.done_seeds(UNLEARNED, "finetune")]
+    # The first model of every job (6 reference models: jobs of 25; 6 finetune runs: one job):
+    # seeds 0 and 1,000,000 here, and only they, timed between two probes.
+    probed = sorted(m["seed"] for m in metas if "probe_cpu_seconds" in m)
+    assert probed == [0, 1_000_000]
+    assert all(m["probe_cpu_seconds"] > 0 and m["probe_wall_seconds"] > 0
+               for m in metas if "probe_cpu_seconds" in m)
+    (rep,) = score.run(trained_store, methods=["finetune"], bootstrap=0)
+    rt = rep["runtime"]
+    assert rt["normalised"] == {"unlearned": 1, "retrained": 1}
+    assert rt["ratio_raw"] == pytest.approx(rt["seconds_per_model"]["unlearned"]
+                                            / rt["seconds_per_model"]["retrained"])
+    assert 0 < rt["ratio"] < 1  # finetune (1 epoch) is cheaper than retraining (3 epochs)
