@@ -203,3 +203,19 @@ def test_the_fork_server_preload_never_initialises_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shared_inputs_with_many_tensors_reach_forked_workers(tmp_path, monkeypatch):
+    """A state dict of 400 tensors (more than a fork server passes as file descriptors in one
+    process start) reaches every worker whole."""
+    import torch
+
+    monkeypatch.setenv("UNLEARN_START_METHOD", "forkserver")
+    shared = {"tensors": {f"t{i}": torch.full((3,), float(i)) for i in range(400)}}
+    results = []
+    slots = plan_slots("cpu", workers=2, workers_per_gpu=1, num_jobs=2)
+    outcomes = run_jobs([Job(f"j{i}", "launch_jobs:sum_shared", {}) for i in range(2)], slots,
+                        shared=shared, inline=False,
+                        on_result=lambda job_id, value: results.append(value) or True)
+    assert all(o.ok for o in outcomes), outcomes
+    assert results == [3.0 * sum(range(400))] * 2

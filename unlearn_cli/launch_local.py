@@ -129,7 +129,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _worker_main(slot: Slot, jobs: Any, messages: Any, shared: Mapping[str, Any] | None,
+def _worker_main(slot: Slot, jobs: Any, messages: Any, shared_blob: bytes | None,
                  parent: tuple[int, dict[str, str], list[str]]) -> None:
     # Ctrl-C reaches the whole process group; the parent decides and terminates us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -153,9 +153,9 @@ def _worker_main(slot: Slot, jobs: Any, messages: Any, shared: Mapping[str, Any]
     resolved: dict[str, Any] = {}
 
     def inputs() -> Any:  # computed at the first job, so that a failure fails a job, not us
-        if shared is not None and not resolved:
-            resolved.update(resolve_shared(shared))
-        return resolved if shared is not None else None
+        if shared_blob is not None and not resolved:
+            resolved.update(resolve_shared(pickle.loads(shared_blob)))
+        return resolved if shared_blob is not None else None
 
     while True:
         try:
@@ -233,6 +233,11 @@ def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, shared: Mapping[str,
     if method == "forkserver":
         prestart()  # a no-op when the command already started it
     ctx = mp.get_context(method)
+    # The shared inputs go to each worker as plain pickle bytes, tensors by value: multiprocessing's
+    # own pickler would pass every tensor's storage as a file descriptor, and a fork server takes
+    # at most 253 descriptors per process start (a larger model's state dict has more tensors).
+    shared_blob = None if shared is None else pickle.dumps(dict(shared),
+                                                           protocol=pickle.HIGHEST_PROTOCOL)
     pending = collections.deque(jobs)
     outcomes: dict[str, JobOutcome] = {}
     tries: collections.Counter[str] = collections.Counter()
@@ -248,7 +253,7 @@ def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, shared: Mapping[str,
         messages_in, messages_out = ctx.Pipe(duplex=False)
         parent = (os.getpid(), dict(os.environ), list(sys.path))
         proc = ctx.Process(target=_worker_main,
-                           args=(slot, jobs_in, messages_out, shared, parent),
+                           args=(slot, jobs_in, messages_out, shared_blob, parent),
                            name=f"unlearn-{slot.label}", daemon=True)
         try:
             proc.start()  # hands it `shared` through its start-up pipe, which it reads at once
