@@ -103,8 +103,9 @@ def main() -> None:
           f"each command starts its own")
     print(f"where Ray's time goes: starting a private instance took {cluster_start:.1f}s here "
           f"(paid by train-refs and apply each with --address local); beyond that, not measured "
-          f"part by part: connecting (each command is a new driver), Ray's worker processes "
-          f"importing torch, and one object-store round trip per model")
+          f"part by part: connecting (each command is a new driver), starting one actor per "
+          f"slot (a process that imports torch once), and one object-store round trip per "
+          f"model")
     print(f"outputs: largest difference to the local backend {diff:.1e} (same seeds)")
     verdict = "PASS" if ratio <= GOAL_RATIO else "FAIL"
     print(f"goal: ray (joined) <= {GOAL_RATIO}x local: {verdict} ({ratio:.2f}x)")

@@ -6,7 +6,8 @@ them on one of two sibling backends that share this module's types and `run_job_
 - `launch_local`: one long-lived worker process per device slot (start method `spawn`), one pipe
   per worker; the parent never initialises CUDA (it counts GPUs through NVML, and each GPU worker
   is pinned with CUDA_VISIBLE_DEVICES before it imports torch);
-- `launch_ray`: the same jobs as Ray tasks on a cluster (the only module that imports ray).
+- `launch_ray`: the same jobs on a Ray cluster, one long-lived actor per slot (the only module
+  that imports ray).
 
 Neither backend imports the other, and nothing above this module learns which one ran a job.
 
