@@ -162,14 +162,16 @@ def test_a_slot_runs_its_jobs_in_one_long_lived_actor(cluster):
     by_pid = {}
     for row in rows:
         by_pid.setdefault(row["pid"], []).append(row)
-    # One actor process per slot ran every job handed to it, one after the other, and kept the
-    # shared inputs it resolved once (the same object for each of its jobs).
+    # At most one actor process per slot (two) ran the six jobs: each ran every job handed to it,
+    # one after the other (its count goes 1, 2, 3...), and kept the shared inputs it resolved once
+    # (the same object for each of its jobs). Which actor ran how many is up to timing (a no-op
+    # job is quick: the first actor up may run them all).
     workers = {pid for kind, _, pid in events if kind == "worker"}
-    assert set(by_pid) == workers and len(workers) == 2
+    assert set(by_pid) <= workers and len(workers) <= 2
     for mine in by_pid.values():
         assert sorted(r["count"] for r in mine) == list(range(1, len(mine) + 1))
         assert len({r["shared_id"] for r in mine}) == 1 and {r["token"] for r in mine} == {6}
-    assert sum(len(m) for m in by_pid.values()) == 6
+    assert sum(len(m) for m in by_pid.values()) == 6 and max(map(len, by_pid.values())) >= 3
     assert _gone(workers), "an actor outlived its run"
 
 
@@ -214,7 +216,7 @@ def test_gpu_slots_ask_ray_for_their_share_of_a_gpu(cluster):
             assert row["assigned"] == {"CPU": 1.0, "GPU": 0.5}
             assert row["device"] == "cuda:0" and row["cuda_visible"] in {"0", "1"}
             assert not row["cuda_initialized"]  # neither the actor nor the job touched CUDA
-        # Three half-GPU actors on two GPUs: two of them share one.
+        # Each actor keeps the one GPU Ray gave it for all of its jobs.
         assert len({(r["pid"], r["cuda_visible"]) for r in rows}) == len({r["pid"] for r in rows})
     finally:
         c.remove_node(gpu_node)

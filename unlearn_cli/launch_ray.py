@@ -323,7 +323,12 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
             if not watched:  # pragma: no cover - every actor idle with jobs pending cannot last
                 time.sleep(POLL_SECONDS)
                 continue
-            ready, _ = ray.wait(list(watched), num_returns=len(watched), timeout=POLL_SECONDS)
+            # Back as soon as one message is ready (not at the poll's end), then take every
+            # ready one, so that a busy stream cannot keep the others waiting.
+            keys = list(watched)
+            ready, _ = ray.wait(keys, num_returns=1, timeout=POLL_SECONDS)
+            if ready and len(keys) > 1:
+                ready, _ = ray.wait(keys, num_returns=len(keys), timeout=0)
             for key in ready:
                 a = watched[key]
                 if a.ready is not None:
