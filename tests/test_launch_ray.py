@@ -196,6 +196,19 @@ def test_a_dead_actor_is_replaced_and_its_job_runs_again_in_a_new_one(cluster, t
     assert _gone(workers)
 
 
+def test_jobs_fail_with_a_clear_line_when_ray_cannot_place_an_actor(cluster, monkeypatch):
+    monkeypatch.setattr(launch_ray, "STARTUP_SECONDS", 2.0)
+    too_big = [launch.Slot("cpu", {}, 8, "ray-cpu#0")]  # 8 CPUs: no node has more than one
+    start = time.monotonic()
+    outcomes, results, events = _run_on_ray([_job("a"), _job("b")], too_big)
+    assert time.monotonic() - start < 60
+    assert not results and not [e for e in events if e[0] in ("worker", "start")]
+    for outcome in outcomes:
+        assert not outcome.ok
+        assert outcome.error.startswith("not run: no Ray actor could start in 2s: each asks "
+                                        "for 8 CPU(s) on one node")
+        assert "lower launch.threads" in outcome.error
+
 def test_gpu_slots_ask_ray_for_their_share_of_a_gpu(cluster):
     """A node with two fake GPUs (Ray schedules on the count; there is no GPU here)."""
     c, _ = cluster

@@ -314,9 +314,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
                 fail_pending(f"Ray actors kept dying at start-up (last: {last_loss})")
                 break
             if pending and time.monotonic() - waiting_since > STARTUP_SECONDS:
-                fail_pending(f"no Ray actor could start in {STARTUP_SECONDS:.0f}s; the cluster "
-                             f"has {ray.available_resources()} free, each actor asks for "
-                             f"{actor_options(slots[0])}")
+                fail_pending(_unplaced(ray, slots[0]))
                 break
             watched = {a.ready if a.ready is not None else a.stream: a
                        for a in actors if a.ready is not None or a.stream is not None}
@@ -339,6 +337,17 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
         for a in actors:
             _kill(ray, a.handle)
     return [outcomes[job.id] for job in jobs]
+
+
+def _unplaced(ray: Any, slot: Slot) -> str:
+    """Why jobs were not run: Ray could place none of their actors in STARTUP_SECONDS."""
+    ask = actor_options(slot)
+    free = ray.available_resources()
+    gpu = f" and {ask['num_gpus']:g} GPU" if "num_gpus" in ask else ""
+    return (f"no Ray actor could start in {STARTUP_SECONDS:.0f}s: each asks for "
+            f"{ask['num_cpus']:g} CPU(s){gpu} on one node, and the cluster has "
+            f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; free or add "
+            f"nodes, or lower launch.threads (CPU) or raise --workers-per-gpu (GPU)")
 
 
 def _kill(ray: Any, handle: Any) -> None:
