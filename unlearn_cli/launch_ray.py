@@ -190,7 +190,6 @@ class _Actor:
     slot: Slot
     handle: Any  # the Ray actor handle
     ready: Any  # ObjectRef of its pid; None once it has answered
-    born: float  # time.monotonic() at creation
     pid: int | None = None
     job: Job | None = None  # the job it runs
     stream: Any = None  # that job's ObjectRefGenerator
@@ -219,12 +218,13 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
     def start(slot: Slot) -> None:
         handle = worker_class.options(**actor_options(slot)).remote(slot.device, slot.threads,
                                                                     shared_ref)
-        actors.append(_Actor(slot, handle, handle.ready.remote(), time.monotonic()))
+        actors.append(_Actor(slot, handle, handle.ready.remote()))
 
-    def retire(a: _Actor) -> None:
+    def retire(a: _Actor, kill: bool = True) -> None:
         actors.remove(a)
         free.append(a.slot)
-        _kill(ray, a.handle)
+        if kill:
+            _kill(ray, a.handle)
 
     def finish(job: Job, outcome: JobOutcome) -> None:
         if job.id not in outcomes:
@@ -241,10 +241,13 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
         if job is not None:
             finish(job, outcome)
 
-    def lost(a: _Actor, why: str) -> None:
+    def lost(a: _Actor, why: str | BaseException) -> None:
         """The actor is dead (or unreachable): replace it; its job runs again or fails."""
         nonlocal start_budget, last_loss
-        retire(a)  # killed too: an actor that stopped answering must not run on unseen
+        # An actor that only stopped answering is killed, so that it cannot run on unseen; one
+        # Ray reports dead is not (killing it again only makes Ray log an error).
+        retire(a, kill=not isinstance(why, rex.ActorDiedError))
+        why = why if isinstance(why, str) else type(why).__name__
         last_loss = why
         if a.pid is None:
             start_budget -= 1
@@ -268,7 +271,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
         try:
             a.pid = ray.get(a.ready, timeout=GET_SECONDS)
         except (rex.RayError, TimeoutError) as exc:
-            lost(a, f"{type(exc).__name__} at start-up")
+            lost(a, exc)
             return
         a.ready = None
         emit("worker", a.slot.label, a.pid)
@@ -288,7 +291,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
                                f"{type(cause).__name__}: {cause}".splitlines()[0]))
             return
         except (rex.RayError, TimeoutError) as exc:  # ActorDiedError: process or node lost
-            lost(a, type(exc).__name__)
+            lost(a, exc)
             return
         if kind == "result":
             if on_result(job.id, value):
