@@ -1,8 +1,10 @@
 """The Ray backend on a private two-node cluster simulated on this machine (CPU).
 
 One Ray session serves the whole module (Ray takes seconds to start): a head node and one worker
-node of one CPU each, shut down at the end. Tests run in file order; the node-loss test goes last
-because it removes the worker node. Nothing here calls `ray stop` or kills by name.
+node of one CPU each, shut down at the end. Tests run in file order; the GPU test adds a node
+with fake GPUs and removes it; the node-loss test goes last because it removes the worker node.
+Nothing here calls `ray stop` or kills by name. Ray's workers get this folder on their
+PYTHONPATH, for the job targets of `ray_job_targets.py`.
 """
 
 import os
@@ -19,7 +21,7 @@ import pytest
 from conftest import FAST
 from typer.testing import CliRunner
 
-from unlearn_cli import apply, train_refs
+from unlearn_cli import apply, launch, launch_ray, train_refs
 from unlearn_cli.cli import app
 from unlearn_cli.config import load_config
 from unlearn_cli.store import ORIGINAL, REFERENCE, UNLEARNED, Store
@@ -39,13 +41,22 @@ RAY = BASE + ["launch.backend=ray"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, connect=True,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    yield c, worker
-    ray.shutdown()
-    c.shutdown()
+    # Ray's worker processes inherit the environment of the nodes started here.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), before) if p)
+    try:
+        c = Cluster(initialize_head=True, connect=True,
+                    head_node_args={"num_cpus": 1, "include_dashboard": False})
+        worker = c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        yield c, worker
+        ray.shutdown()
+        c.shutdown()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def _outputs(store, kind, seed=None, method=None):
@@ -113,6 +124,119 @@ def test_a_raising_job_is_reported_with_its_id_once(cluster, local_store, tmp_pa
     assert f"{spec}-1: method {spec!r} failed at seed 1000001: RuntimeError: kaboom" in out
     assert out.count("failed at seed 1000003") == 2  # once on the bar, once in the summary
     assert Store(root).done_seeds(UNLEARNED, spec) == [1_000_000, 1_000_002]
+
+
+def _run_on_ray(jobs, slots, shared=None):
+    """launch.run_jobs on the module's cluster: (outcomes, results by job id, events)."""
+    results, events = {}, []
+
+    def keep(job_id, item):
+        results.setdefault(job_id, []).append(item)
+        return True
+
+    outcomes = launch.run_jobs(jobs, slots, backend="ray", shared=shared, on_result=keep,
+                               on_event=lambda *e: events.append(e))
+    return outcomes, results, events
+
+
+def _job(name, target="whoami", **payload):
+    return launch.Job(name, f"ray_job_targets:{target}", {"name": name, **payload})
+
+
+def _gone(pids, seconds=30):
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not [p for p in pids if _alive(p)]
+
+
+CPU_SLOTS = [launch.Slot("cpu", {}, 1, f"ray-cpu#{k}") for k in range(2)]
+
+
+def test_a_slot_runs_its_jobs_in_one_long_lived_actor(cluster):
+    shared = {"token": np.arange(4)}
+    jobs = [_job(f"j{i}") for i in range(6)]
+    outcomes, results, events = _run_on_ray(jobs, CPU_SLOTS, shared)
+    assert all(o.ok for o in outcomes), outcomes
+    rows = [r for job in jobs for r in results[job.id]]
+    by_pid = {}
+    for row in rows:
+        by_pid.setdefault(row["pid"], []).append(row)
+    # At most one actor process per slot (two) ran the six jobs: each ran every job handed to it,
+    # one after the other (its count goes 1, 2, 3...), and kept the shared inputs it resolved once
+    # (the same object for each of its jobs). Which actor ran how many is up to timing (a no-op
+    # job is quick: the first actor up may run them all).
+    workers = {pid for kind, _, pid in events if kind == "worker"}
+    assert set(by_pid) <= workers and len(workers) <= 2
+    for mine in by_pid.values():
+        assert sorted(r["count"] for r in mine) == list(range(1, len(mine) + 1))
+        assert len({r["shared_id"] for r in mine}) == 1 and {r["token"] for r in mine} == {6}
+    assert sum(len(m) for m in by_pid.values()) == 6 and max(map(len, by_pid.values())) >= 3
+    assert _gone(workers), "an actor outlived its run"
+
+
+def test_a_dead_actor_is_replaced_and_its_job_runs_again_in_a_new_one(cluster, tmp_path):
+    marker = tmp_path / "pid"
+    jobs = [_job("dies-once", "dies_once", marker=str(marker)),
+            _job("always-dies", "always_dies"), _job("a"), _job("b")]
+    outcomes, results, events = _run_on_ray(jobs, CPU_SLOTS)
+    ok = {o.id: o for o in outcomes}
+    assert ok["dies-once"].ok and ok["a"].ok and ok["b"].ok
+    (rerun,) = results["dies-once"]
+    dead = int(marker.read_text())
+    assert rerun["pid"] != dead  # another actor, not the dead one
+    assert not ok["always-dies"].ok
+    assert f"lost {launch.MAX_TRIES} times" in ok["always-dies"].error
+    starts = [job for kind, job, _ in events if kind == "start"]
+    assert starts.count("dies-once") == 2 and starts.count("always-dies") == launch.MAX_TRIES
+    assert starts.count("a") == starts.count("b") == 1  # not retried: their actors lived
+    workers = [pid for kind, _, pid in events if kind == "worker"]
+    # Each actor is a process of its own: replacements are new processes, none reused.
+    assert len(set(workers)) == len(workers) >= 3 and {dead, rerun["pid"]} <= set(workers)
+    assert _gone(workers)
+
+
+def test_jobs_fail_with_a_clear_line_when_ray_cannot_place_an_actor(cluster, monkeypatch):
+    monkeypatch.setattr(launch_ray, "STARTUP_SECONDS", 2.0)
+    too_big = [launch.Slot("cpu", {}, 8, "ray-cpu#0")]  # 8 CPUs: no node has more than one
+    start = time.monotonic()
+    outcomes, results, events = _run_on_ray([_job("a"), _job("b")], too_big)
+    assert time.monotonic() - start < 60
+    assert not results and not [e for e in events if e[0] in ("worker", "start")]
+    for outcome in outcomes:
+        assert not outcome.ok
+        assert outcome.error.startswith("not run: no Ray actor could start in 2s: each asks "
+                                        "for 8 CPU(s) on one node")
+        assert "lower launch.threads" in outcome.error
+
+def test_gpu_slots_ask_ray_for_their_share_of_a_gpu(cluster):
+    """A node with two fake GPUs (Ray schedules on the count; there is no GPU here)."""
+    c, _ = cluster
+    gpu_node = c.add_node(num_cpus=4, num_gpus=2)
+    try:
+        c.wait_for_nodes()
+        cfg = load_config(None, RAY + ["launch.workers_per_gpu=2"])
+        slots = launch_ray.plan_slots(cfg.launch, num_jobs=3)
+        assert [(s.device, s.gpu_share) for s in slots] == [("cuda:0", 0.5)] * 3
+        assert launch_ray.actor_options(slots[0]) == {
+            "num_cpus": 1, "num_gpus": 0.5, "max_restarts": 0, "max_task_retries": 0}
+        outcomes, results, _ = _run_on_ray([_job(f"g{i}", "resources") for i in range(4)],
+                                           slots)
+        assert all(o.ok for o in outcomes), outcomes
+        rows = [r for rs in results.values() for r in rs]
+        assert len(rows) == 4 and len({r["pid"] for r in rows}) <= 3
+        for row in rows:
+            assert row["assigned"] == {"CPU": 1.0, "GPU": 0.5}
+            assert row["device"] == "cuda:0" and row["cuda_visible"] in {"0", "1"}
+            assert not row["cuda_initialized"]  # neither the actor nor the job touched CUDA
+        # Each actor keeps the one GPU Ray gave it for all of its jobs.
+        assert len({(r["pid"], r["cuda_visible"]) for r in rows}) == len({r["pid"] for r in rows})
+    finally:
+        c.remove_node(gpu_node)
+        deadline = time.monotonic() + 60
+        while ray.cluster_resources().get("GPU", 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not ray.cluster_resources().get("GPU", 0), "the fake GPU node was not removed"
 
 
 def test_losing_a_node_mid_run_still_stores_each_model_once(cluster, tmp_path, monkeypatch):

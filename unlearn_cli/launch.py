@@ -7,7 +7,8 @@ them on one of two sibling backends that share this module's types and `run_job_
   imported torch once, `launch_local.prestart`), one pipe per worker; neither the parent nor
   that server initialises CUDA (GPUs are counted through NVML), and each GPU worker is pinned
   with CUDA_VISIBLE_DEVICES before it first touches CUDA;
-- `launch_ray`: the same jobs as Ray tasks on a cluster (the only module that imports ray).
+- `launch_ray`: the same jobs on a Ray cluster, one long-lived actor per slot (the only module
+  that imports ray).
 
 Neither backend imports the other, and nothing above this module learns which one ran a job.
 

@@ -1,27 +1,37 @@
-"""The Ray backend: the launcher's jobs as Ray tasks on a cluster. The only module that imports ray.
+"""The Ray backend: the launcher's jobs on a cluster, one long-lived Ray actor per slot. The only
+module that imports ray.
 
-Each job is one Ray task that runs `launch.job_messages` in a Ray worker process and streams its
-messages back (a generator task), so the driver receives each finished model as soon as it is made,
-anywhere in the cluster, and writes it to the store itself: worker nodes need no shared filesystem
-and can never leave a half-written file. The run's shared inputs (split, dataset arrays, original
-model) are put in the object store once by the driver; Ray copies them to each node once.
+Each slot gets one actor (`SlotWorker`), created when the run starts and killed when it ends: a
+GPU slot's actor asks Ray for `1 / workers_per_gpu` GPU (Ray pins it with CUDA_VISIBLE_DEVICES
+before torch is imported), a CPU slot's for `launch.threads` CPUs. The actor keeps what a local
+worker process keeps between jobs: torch imported, the run's shared inputs resolved once (so
+`context.context` reuses the data already on the device), and the per-process caches of
+`training` and `models` (warm-up, compiled forwards, the reused module). The driver hands each
+actor one job at a time; the actor runs `launch.job_messages` and streams its messages back (a
+generator method), so the driver receives each finished model as soon as it is made, anywhere in
+the cluster, and writes it to the store itself: worker nodes need no shared filesystem and can
+never leave a half-written file. The shared inputs (split, dataset arrays, original model) are
+put in the object store once by the driver; Ray copies them to each node once.
 
-Faults: a task whose worker process or node dies (Ray's system errors) is submitted again, at most
-`launch.MAX_TRIES` runs in all, then fails with its id; the driver keeps what an earlier try
-already delivered (the store's writer skips a model stored twice). A job that raises is reported
-once by `job_messages`, never retried (Ray's own retries are off: max_retries=0). Ctrl-C cancels
-every task (force: their processes are killed) and disconnects. Every wait has a timeout.
+CPU slots use actors too: one code path, and the shared inputs and contexts are reused between a
+slot's jobs (a Ray task would deserialise them and rebuild its context for every job).
 
-Worker processes: Ray reuses a CPU task's worker process for the next task, so torch is imported
-once per worker, as in the local pool. A GPU task gets a fresh process each time (Ray's default
-for GPU tasks, max_calls=1, which frees its GPU memory), kept here: a GPU job on Ray pays torch's
-import and CUDA's start-up, and a compiled model is compiled again. Long-lived GPU actors, one per
-slot, would avoid that; they are not built (nor is this path tested on a GPU).
+Faults: an actor that dies (its process killed, its node lost: Ray's ActorDiedError) is replaced
+by a new one; its job goes back to the queue for the next free actor, at most `launch.MAX_TRIES`
+runs in all, then fails with its id. The driver keeps what an earlier try already delivered (the
+store's writer skips a model stored twice). An actor found dead when it is handed a job costs
+that job a try. Actors that die before they are ready are replaced a bounded number of times, and
+actors that Ray cannot place (no free resources) fail the remaining jobs after STARTUP_SECONDS.
+A job that raises is reported once by `job_messages`, never retried (Ray's own restarts and
+retries are off). Ctrl-C kills every actor (the job it runs dies with it) and disconnects. Every
+wait has a timeout.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,8 +50,9 @@ from .launch import (
     set_threads,
 )
 
-POLL_SECONDS = 0.1  # the longest the driver waits before it looks at every task again
+POLL_SECONDS = 0.1  # the longest the driver waits before it looks at every actor again
 GET_SECONDS = 60.0  # fetching a message that Ray says is ready; longer means its node is gone
+STARTUP_SECONDS = 300.0  # jobs wait this long for an actor Ray cannot place, then fail
 INSTALL_HINT = "pip install 'unlearn-cli[ray]' (or `make install`, which includes it)"
 
 _state = {"owned": False}  # whether this process started the Ray instance it is connected to
@@ -125,18 +136,43 @@ def plan_slots(launch: Any, *, num_jobs: int) -> list[Slot]:
     return [Slot("cpu", {}, threads, f"ray-cpu#{k}") for k in range(count)]
 
 
-def _task(job: Job, device: str, threads: int, shared: Any) -> Any:
-    """A job inside a Ray worker: its messages, streamed back to the driver as they come."""
-    import torch  # noqa: F401 - so that set_threads fixes the threads before the job runs
+def actor_options(slot: Slot) -> dict[str, Any]:
+    """What a slot's actor asks Ray for: a GPU slot 1 / workers_per_gpu GPU and one CPU to feed
+    it, a CPU slot its torch threads in CPUs. Ray restarts and retries nothing itself: the driver
+    replaces a dead actor and decides whether its job runs again."""
+    resources = ({"num_cpus": 1, "num_gpus": slot.gpu_share} if slot.gpu_share
+                 else {"num_cpus": slot.threads})
+    return {**resources, "max_restarts": 0, "max_task_retries": 0}
 
-    set_threads(threads)
-    yield from job_messages(job, device, shared)
+
+class SlotWorker:
+    """One slot's long-lived worker, a Ray actor: runs the jobs handed to it, one at a time.
+
+    shared: the run's resolved shared inputs (Ray resolves the driver's object reference once,
+    when the actor is created); every job of the run gets this same object, so caches keyed on it
+    (`context.context`) hold between jobs.
+    """
+
+    def __init__(self, device: str, threads: int, shared: Mapping[str, Any] | None) -> None:
+        # As a local worker: torch is imported by the first job that needs it (jobs that need
+        # none start faster) and reads its thread count from here; set_threads covers the rest.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        self.device, self.threads, self.shared = device, threads, shared
+
+    def ready(self) -> int:
+        """This actor's process id, once it is up."""
+        return os.getpid()
+
+    def run(self, job: Job) -> Any:
+        """One job's messages (see `launch.job_messages`), streamed back as they come."""
+        set_threads(self.threads)  # once torch is imported; a job may have changed them
+        yield from job_messages(job, self.device, self.shared)
 
 
 def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, address: str,
              shared: Mapping[str, Any] | None, on_result: ResultFn,
              emit: EventFn) -> list[JobOutcome]:
-    """Run the jobs as Ray tasks, at most len(slots) at once; see the module docstring."""
+    """Run the jobs on one Ray actor per slot; see the module docstring."""
     ray = connect(address)
     try:
         emit("cluster", "", describe(ray))
@@ -147,80 +183,178 @@ def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, address: str,
         disconnect()
 
 
+@dataclasses.dataclass(eq=False)
+class _Actor:
+    """Everything the driver knows about one slot's actor."""
+
+    slot: Slot
+    handle: Any  # the Ray actor handle
+    ready: Any  # ObjectRef of its pid; None once it has answered
+    pid: int | None = None
+    job: Job | None = None  # the job it runs
+    stream: Any = None  # that job's ObjectRefGenerator
+    job_started: float = 0.0
+
+
 def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
          shared: Mapping[str, Any] | None, on_result: ResultFn,
          emit: EventFn) -> list[JobOutcome]:
     from ray import exceptions as rex
 
-    slot = slots[0]
-    resources = ({"num_cpus": 1, "num_gpus": slot.gpu_share} if slot.gpu_share
-                 else {"num_cpus": slot.threads})
-    task = ray.remote(max_retries=0, **resources)(_task)
-    # Lazy inputs (the dataset) are read here, once; Ray ships them to each node once.
+    worker_class = ray.remote(SlotWorker)
+    # Lazy inputs (the dataset) are read here, once; Ray ships them to each node once, and each
+    # actor resolves the reference once, when it is created.
     shared_ref = ray.put(resolve_shared(shared)) if shared is not None else None
     pending = collections.deque(jobs)
     outcomes: dict[str, JobOutcome] = {}
     tries: collections.Counter[str] = collections.Counter()
-    running: dict[Any, tuple[Job, float]] = {}  # generator -> (its job, monotonic start)
+    actors: list[_Actor] = []
+    free = list(slots)  # slots without an actor
+    # A crash loop must end: actors that die before they are ready are replaced this many times.
+    start_budget = 2 * len(slots) + 2
+    last_loss = ""
+    waiting_since = time.monotonic()  # since when jobs wait with no actor up
 
-    def submit(job: Job) -> None:
-        gen = task.options(name=f"unlearn:{job.id}").remote(job, slot.device, slot.threads,
-                                                            shared_ref)
-        running[gen] = (job, time.monotonic())
-        emit("start", job.id, slot.label)
+    def start(slot: Slot) -> None:
+        handle = worker_class.options(**actor_options(slot)).remote(slot.device, slot.threads,
+                                                                    shared_ref)
+        actors.append(_Actor(slot, handle, handle.ready.remote()))
+
+    def retire(a: _Actor, kill: bool = True) -> None:
+        actors.remove(a)
+        free.append(a.slot)
+        if kill:
+            _kill(ray, a.handle)
 
     def finish(job: Job, outcome: JobOutcome) -> None:
         if job.id not in outcomes:
             outcomes[job.id] = outcome
             emit("finished", job.id, outcome)
 
-    def lost(gen: Any, why: str) -> None:
-        """The task's worker or node is gone: run the job again, or fail it after MAX_TRIES."""
-        job, started = running.pop(gen)
+    def give(a: _Actor, job: Job) -> None:
+        a.job, a.job_started = job, time.monotonic()
+        a.stream = a.handle.run.options(name=f"unlearn:{job.id}").remote(job)
+        emit("start", job.id, a.slot.label)
+
+    def done(a: _Actor, outcome: JobOutcome) -> None:
+        job, a.job, a.stream = a.job, None, None
+        if job is not None:
+            finish(job, outcome)
+
+    def lost(a: _Actor, why: str | BaseException) -> None:
+        """The actor is dead (or unreachable): replace it; its job runs again or fails."""
+        nonlocal start_budget, last_loss
+        # An actor that only stopped answering is killed, so that it cannot run on unseen; one
+        # Ray reports dead is not (killing it again only makes Ray log an error).
+        retire(a, kill=not isinstance(why, rex.ActorDiedError))
+        why = why if isinstance(why, str) else type(why).__name__
+        last_loss = why
+        if a.pid is None:
+            start_budget -= 1
+        job = a.job
+        if job is None:
+            return
         tries[job.id] += 1
         if tries[job.id] < MAX_TRIES:
             pending.appendleft(job)
         else:
-            finish(job, JobOutcome(job.id, False, time.monotonic() - started,
-                                   f"its Ray worker or node was lost {tries[job.id]} times "
+            finish(job, JobOutcome(job.id, False, time.monotonic() - a.job_started,
+                                   f"its Ray actor or node was lost {tries[job.id]} times "
                                    f"(last: {why})"))
+
+    def fail_pending(why: str) -> None:
+        while pending:
+            job = pending.popleft()
+            finish(job, JobOutcome(job.id, False, 0.0, f"not run: {why}"))
+
+    def on_ready(a: _Actor) -> None:
+        try:
+            a.pid = ray.get(a.ready, timeout=GET_SECONDS)
+        except (rex.RayError, TimeoutError) as exc:
+            lost(a, exc)
+            return
+        a.ready = None
+        emit("worker", a.slot.label, a.pid)
+
+    def on_message(a: _Actor) -> None:
+        job = a.job
+        try:
+            ref = next(a.stream)
+        except StopIteration:  # ended without its finished message: count it as lost
+            lost(a, "the job's stream ended early")
+            return
+        try:
+            kind, value = ray.get(ref, timeout=GET_SECONDS)
+        except rex.RayTaskError as exc:  # raised outside the job (a result Ray cannot send)
+            cause = exc.cause if exc.cause is not None else exc
+            done(a, JobOutcome(job.id, False, time.monotonic() - a.job_started,
+                               f"{type(cause).__name__}: {cause}".splitlines()[0]))
+            return
+        except (rex.RayError, TimeoutError) as exc:  # ActorDiedError: process or node lost
+            lost(a, exc)
+            return
+        if kind == "result":
+            if on_result(job.id, value):
+                emit("progress", job.id, 1)
+        elif kind == "progress":
+            emit("progress", job.id, value)
+        else:
+            done(a, value)
 
     try:
         while len(outcomes) < len(jobs):
-            while pending and len(running) < len(slots):
-                submit(pending.popleft())
-            ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
-            for gen in ready:
-                job, started = running[gen]
-                try:
-                    ref = next(gen)
-                except StopIteration:  # ended without its finished message: count it as lost
-                    lost(gen, "the task ended early")
-                    continue
-                try:
-                    kind, value = ray.get(ref, timeout=GET_SECONDS)
-                except rex.RayTaskError as exc:  # raised outside the job (e.g. an import)
-                    running.pop(gen)
-                    cause = exc.cause if exc.cause is not None else exc
-                    finish(job, JobOutcome(job.id, False, time.monotonic() - started,
-                                           f"{type(cause).__name__}: {cause}".splitlines()[0]))
-                    continue
-                except (rex.RayError, TimeoutError) as exc:
-                    lost(gen, type(exc).__name__)
-                    continue
-                if kind == "result":
-                    if on_result(job.id, value):
-                        emit("progress", job.id, 1)
-                elif kind == "progress":
-                    emit("progress", job.id, value)
+            while pending and free and start_budget > 0:
+                start(free.pop(0))
+            for a in list(actors):
+                if a.ready is None and a.job is None:
+                    if pending:
+                        give(a, pending.popleft())
+                    else:  # nothing left for it: free its resources for the cluster's others
+                        retire(a)
+            if not pending or any(a.ready is None for a in actors):
+                waiting_since = time.monotonic()
+            if pending and not actors:
+                fail_pending(f"Ray actors kept dying at start-up (last: {last_loss})")
+                break
+            if pending and time.monotonic() - waiting_since > STARTUP_SECONDS:
+                fail_pending(_unplaced(ray, slots[0]))
+                break
+            watched = {a.ready if a.ready is not None else a.stream: a
+                       for a in actors if a.ready is not None or a.stream is not None}
+            if not watched:  # pragma: no cover - every actor idle with jobs pending cannot last
+                time.sleep(POLL_SECONDS)
+                continue
+            # Back as soon as one message is ready (not at the poll's end), then take every
+            # ready one, so that a busy stream cannot keep the others waiting.
+            keys = list(watched)
+            ready, _ = ray.wait(keys, num_returns=1, timeout=POLL_SECONDS)
+            if ready and len(keys) > 1:
+                ready, _ = ray.wait(keys, num_returns=len(keys), timeout=0)
+            for key in ready:
+                a = watched[key]
+                if a.ready is not None:
+                    on_ready(a)
                 else:
-                    running.pop(gen)
-                    finish(job, value)
-    except BaseException:
-        for gen in running:
-            try:
-                ray.cancel(gen, force=True)
-            except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
-                pass
-        raise
+                    on_message(a)
+    finally:  # done, failed or interrupted: no actor outlives the run
+        for a in actors:
+            _kill(ray, a.handle)
     return [outcomes[job.id] for job in jobs]
+
+
+def _unplaced(ray: Any, slot: Slot) -> str:
+    """Why jobs were not run: Ray could place none of their actors in STARTUP_SECONDS."""
+    ask = actor_options(slot)
+    free = ray.available_resources()
+    gpu = f" and {ask['num_gpus']:g} GPU" if "num_gpus" in ask else ""
+    return (f"no Ray actor could start in {STARTUP_SECONDS:.0f}s: each asks for "
+            f"{ask['num_cpus']:g} CPU(s){gpu} on one node, and the cluster has "
+            f"{free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; free or add "
+            f"nodes, or lower launch.threads (CPU) or raise --workers-per-gpu (GPU)")
+
+
+def _kill(ray: Any, handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - already dead or gone with its node: nothing to kill
+        pass
