@@ -219,3 +219,25 @@ def test_shared_inputs_with_many_tensors_reach_forked_workers(tmp_path, monkeypa
                         on_result=lambda job_id, value: results.append(value) or True)
     assert all(o.ok for o in outcomes), outcomes
     assert results == [3.0 * sum(range(400))] * 2
+
+
+def test_a_refused_command_leaves_no_fork_server_behind(trained_store):
+    """apply starts the fork server before its slower checks; refused by one of them, the command
+    must not leave that server importing torch after it exits (its own session is empty)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn_cli", "apply", "--method",
+                             "retrain", "--store", str(trained_store), "--workers", "2", "--set",
+                             "train.epochs=5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "different config" in output, output
+    deadline = time.monotonic() + 10
+    while True:  # the session's processes: none once the command is gone (bounded wait)
+        out = subprocess.run(["ps", "-eo", "sid=,pid="], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+        left = [pid for sid, pid in zip(out[::2], out[1::2]) if sid == str(proc.pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert left == [], f"processes of the refused command still running: {left}"

@@ -25,6 +25,7 @@ workers are spawned.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import multiprocessing as mp
@@ -82,6 +83,29 @@ def prestart() -> None:
         forkserver.set_forkserver_preload(PRELOAD)
         forkserver.ensure_running()
     except (OSError, ValueError):  # pragma: no cover - no server now: start() tries again
+        return
+    global _STOP_REGISTERED
+    if not _STOP_REGISTERED:
+        atexit.register(_stop_server)
+        _STOP_REGISTERED = True
+
+
+_STOP_REGISTERED = False
+
+
+def _stop_server() -> None:
+    """At exit, end the fork server now: one started by a command that then refused its input
+    would otherwise finish importing torch (seconds of CPU) before it noticed it was orphaned.
+    Its workers are stopped already (run_jobs), or die with it (PR_SET_PDEATHSIG)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError, PermissionError):
         pass
 
 
