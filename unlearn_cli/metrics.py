@@ -772,40 +772,97 @@ def _interval_family_best_batched(
     run_end[:-1] = np.where(same, run_start[1:] - 1, last[run_col[:-1]])
     if run_end.size:
         run_end[-1] = last[run_col[-1]]
-    run_below = count_below(run_col, run_start)
+    run_below = count_below(run_col, run_start)  # data below each run (sitting data excluded)
+    masked_run = np.zeros(run_key.size, dtype=bool)
     masked_key = np.empty(0, dtype=np.int64)
     if is_masked.any():
         masked_key = np.unique((col_key[:, None] + masked_at)[is_masked])
-        run_below[np.isin(run_key, masked_key)] = _MASKED  # settled from the floats below
+        masked_run = np.isin(run_key, masked_key)  # settled from the floats below
 
     # (row run, lattice run) pairs: rows j0..j1 reach lattice indices row_step * j0 up to
-    # row_step * j1 + col_step * 399.
+    # row_step * j1 + col_step * 399, i.e. the lattice runs first_run..last_run.
     rstep_row = row_step[row_col]
     cstep_row = col_step[row_col]
     first_run = np.searchsorted(run_key, col_key[row_col] + rstep_row * row_j0, side="right") - 1
     reach = rstep_row * row_j1 + cstep_row * (_NUM_LEFT_EDGES - 1)
     last_run = np.searchsorted(run_key, col_key[row_col] + reach, side="right") - 1
-    num_pairs = last_run - first_run + 1
+    # Which of those pairs can matter (see the comment above `_interval_family_best_batched`):
+    # the lattice runs are in increasing order of data below, so the others inside a rule,
+    # fp = fpR - fpB, fall as the run advances. `fp_last` is the last run with fp >= 1; the run
+    # after it has fp <= 0: 0 (an empty interval, or a discarded rule) except for perfect
+    # separation, and every later run is 0. Runs past fp_last + 1 are never evaluated.
+    run_fp = run_below % stride  # others below the run (non-decreasing within a column)
+    fp_key = run_col * (stride + 1) + run_fp
+    row_fp = row_count % stride
+    fp_last = np.searchsorted(fp_key, row_col * (stride + 1) + row_fp - 1, side="right") - 1
+    last_run = np.minimum(last_run, fp_last + 1)
+    num_pairs = np.maximum(last_run - first_run + 1, 0)
+    # M = 400: when the next row run adds peaky points only (same fp, more tp), it reaches every
+    # lattice run from its own first_run on, and dominates this row there as long as its tp
+    # stays <= n - 1; this row then only needs the runs before that point (`row_limit`).
+    row_limit = np.full(row_col.size, np.iinfo(np.int64).max)
+    if _table_monotone(n) and row_col.size > 1:
+        next_peaky_only = (row_col[1:] == row_col[:-1]) & (row_fp[1:] == row_fp[:-1])
+        tp_key = run_col * (stride + 1) + run_below // stride
+        next_tp = row_count[1:] // stride
+        # runs whose tp below leaves the next row n tp or more: that row would be discarded there
+        prefix_end = np.searchsorted(tp_key, row_col[:-1] * (stride + 1) + next_tp - n,
+                                     side="right") - 1
+        row_limit[:-1] = np.where(
+            next_peaky_only, np.maximum(first_run[1:] - 1, prefix_end), row_limit[:-1]
+        )
     # Columns whose pairs would outnumber their rules (dense data, M = 401): per-example path.
     per_col_pairs = np.bincount(row_col, weights=num_pairs, minlength=num_cols)
     dense = is401 & (per_col_pairs > _DENSE_FALLBACK_PAIRS)
-    if dense.any():
-        keep_rows = ~dense[row_col]
-        row_col, row_j0, row_j1 = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
-        row_count, first_run, num_pairs = (
-            row_count[keep_rows], first_run[keep_rows], num_pairs[keep_rows]
-        )
+    keep_rows = (num_pairs > 0) & ~dense[row_col]
+    row_col, row_j0, row_j1 = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
+    row_count, first_run, last_run, fp_last, row_limit = (
+        row_count[keep_rows], first_run[keep_rows], last_run[keep_rows], fp_last[keep_rows],
+        row_limit[keep_rows],
+    )
+    # M = 400 (every run of first_run..last_run reached): of the runs up to fp_last, only those
+    # whose next run adds a peaky point (or is masked, or is the column's last) can hold a
+    # row's best; the others are dominated by the next run (same tp, fewer fp, still >= 1).
+    # Then fp_last itself and fp_last + 1 (the perfect-separation candidate) are added.
+    not_last = np.r_[run_col[1:] == run_col[:-1], False]
+    adds_peaky = np.ones(run_key.size, dtype=bool)
+    if _table_monotone(n):
+        adds_peaky[:-1] = (run_below[1:] // stride != run_below[:-1] // stride) | masked_run[1:]
+    candidate = np.flatnonzero(~masked_run & (adds_peaky | ~not_last))
     # int32 from here where the flat counts allow it; masked runs far below 0
     small = np.int32 if stride * stride < 1 << 29 else np.int64
-    below_small = np.where(run_below == _MASKED, 1 << 30, run_below).astype(small)
+    below_small = np.where(masked_run, 1 << 30, run_below).astype(small)
     for wide in (False, True):  # M = 400 columns, then M = 401 ones (reachability test)
         keep_rows = np.flatnonzero(is401[row_col] == wide)
         if keep_rows.size == 0:
             continue
         cols_w, j0_w, j1_w = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
-        count_w, first_w, pairs_w = (
-            row_count[keep_rows].astype(small), first_run[keep_rows], num_pairs[keep_rows]
-        )
+        count_w = row_count[keep_rows].astype(small)
+        first_w, last_w = first_run[keep_rows], last_run[keep_rows]
+        if wide:
+            pool = None  # every run of first_run..last_run, through the reachability test
+            pairs_w = last_w - first_w + 1
+        else:
+            pool = candidate
+            limit_w = row_limit[keep_rows]
+            top = np.minimum(last_w, fp_last[keep_rows])
+            extra = np.stack([top, fp_last[keep_rows] + 1], axis=1)  # [rows, 2]
+            extra_ok = (extra >= first_w[:, None]) & (extra <= last_w[:, None])
+            extra_ok &= extra <= limit_w[:, None]
+            top = np.minimum(top, limit_w)
+            index = count_w[:, None] - below_small[np.where(extra_ok, extra, 0)]
+            index[~extra_ok] = 0
+            np.maximum(index, 0, out=index)
+            _row_segment_max(table.take(index).max(axis=1), cols_w, best)
+            first_in_pool = np.searchsorted(candidate, first_w, side="left")
+            pairs_w = np.searchsorted(candidate, top, side="right") - first_in_pool
+            first_w = first_in_pool
+            keep_rows = pairs_w > 0
+            cols_w, count_w, first_w, pairs_w = (
+                cols_w[keep_rows], count_w[keep_rows], first_w[keep_rows], pairs_w[keep_rows]
+            )
+            if pairs_w.size == 0:
+                continue
         cumulative = np.cumsum(pairs_w)
         splits = np.searchsorted(cumulative, np.arange(_BATCH_PAIRS, cumulative[-1], _BATCH_PAIRS))
         edges = np.unique(np.r_[0, splits, pairs_w.size])
@@ -816,6 +873,8 @@ def _interval_family_best_batched(
             offsets = np.repeat(first_w[rows] - ends + counts, counts)
             pair_run = np.arange(ends[-1], dtype=np.int64)
             pair_run += offsets
+            if pool is not None:
+                pair_run = pool[pair_run]
             index = np.repeat(count_w[rows], counts)
             index -= below_small[pair_run]
             if wide:  # is the lattice run reached by some rule of the row run?
@@ -896,6 +955,21 @@ def _interval_family_best_batched(
     for c in np.flatnonzero(~lattice | dense):  # per-example path (never for confidences)
         best[c] = max(best[c], _interval_family_best(peaky[c], other[c], float(width[c])))
     return best
+
+
+@lru_cache(maxsize=16)
+def _table_monotone(n: int) -> bool:
+    """Whether the epsilon table for two banks of n models is monotone inside the region where
+    no rule is discarded (1 <= fp, tp <= n - 1): it never falls as tp grows, never rises as fp
+    grows.
+
+    True in exact arithmetic (both epsilon terms rise with TPR and fall with FPR); checked on
+    the float32 values themselves, since the batched interval family skips a rule whenever a
+    rule that dominates it (no fewer tp, no more fp, still in that region) is evaluated. Where
+    this fails, nothing is skipped.
+    """
+    table = _epsilon_table(n, n).reshape(n + 1, n + 1)[:n, 1:]  # tp 0..n-1, fp 1..n
+    return bool(np.all(table[:, :-1] >= table[:, 1:]) and np.all(table[:-1] <= table[1:]))
 
 
 def _grid_element(
