@@ -33,6 +33,7 @@ Where a last-bit difference could change a reported number, and why it cannot: R
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ __all__ = [
     "example_scores",
     "forget_quality",
     "logit_scaled_confidence",
+    "official_scores",
     "per_example_epsilons",
     "per_example_epsilons_reference",
 ]
@@ -1144,11 +1146,25 @@ def _forget_qualities(
         epsilons column by column, and F is a sum of powers of two divided once by E, exact in
         any order of summation).
     """
+    m = unlearned_rows.shape[1]
+    return example_scores(
+        _pair_epsilons(unlearned, retrained, unlearned_rows, retrained_rows).ravel(), m
+    ).reshape(unlearned_rows.shape[0], -1).mean(axis=1)
+
+
+def _pair_epsilons(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    unlearned_rows: np.ndarray,
+    retrained_rows: np.ndarray,
+) -> np.ndarray:
+    """Per-example epsilons of many pairs of sub-banks (see `_forget_qualities`): float64
+    `[G, num_examples]`, row g equal to `per_example_epsilons` of pair g's banks."""
     num_pairs, m = unlearned_rows.shape
     num_examples = unlearned.shape[1]
     u_t = np.ascontiguousarray(unlearned.T)  # [E, num_models]: a model's values are a column
     r_t = np.ascontiguousarray(retrained.T)
-    out = np.empty(num_pairs)
+    out = np.empty((num_pairs, num_examples))
     per_call = max(1, _COLUMNS_PER_CALL // max(num_examples, 1))
     for lo in range(0, num_pairs, per_call):
         rows_u = unlearned_rows[lo : lo + per_call]
@@ -1156,8 +1172,7 @@ def _forget_qualities(
         # [g, E, m] -> one row per (pair, example)
         u_cols = u_t[:, rows_u].transpose(1, 0, 2).reshape(-1, m)
         r_cols = r_t[:, rows_r].transpose(1, 0, 2).reshape(-1, m)
-        eps = _epsilons_batched(u_cols, r_cols)
-        out[lo : lo + per_call] = example_scores(eps, m).reshape(-1, num_examples).mean(axis=1)
+        out[lo : lo + per_call] = _epsilons_batched(u_cols, r_cols).reshape(-1, num_examples)
     return out
 
 
@@ -1207,6 +1222,7 @@ def calibrated_ceiling(
     unlearned: np.ndarray | None = None,
     seed: int = 0,
     repeats: int = 5,
+    cache: dict | None = None,
 ) -> CalibratedCeiling:
     """The F a perfect unlearner gets at this N: one half of the reference models scored as if
     they were unlearned models, against the other half (spec section 4).
@@ -1238,6 +1254,11 @@ def calibrated_ceiling(
         seed: seed of the random splits.
         repeats: number of random splits to average (each costs one F at N // 2, two with
             `unlearned`).
+        cache: optional dict kept by a caller that scores several methods against one
+            reference bank: the ceiling's own F per split depends only on `retrained`, the seed,
+            `repeats` and the size of `unlearned` (which the splits' random stream depends on),
+            so it is computed once and kept there under those (the bank by a digest of its
+            bytes). The values are the same with or without it.
 
     Returns:
         {"forget_quality": mean F, "num_models": N // 2, "per_split": [F of each split],
@@ -1265,7 +1286,17 @@ def calibrated_ceiling(
                 picks.append(rng.permutation(u.shape[0])[:half])
         # All splits in one batched pass: F(first half vs second half) for the ceiling, and
         # F(picked unlearned models vs the same second half) for the method.
-        scores = _forget_qualities(r, r, np.array(first), np.array(second)).tolist()
+        key = None
+        if cache is not None:
+            digest = hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=16)
+            key = ("ceiling", r.shape, digest.hexdigest(), seed, repeats,
+                   None if u is None else u.shape[0])
+        if key is not None and key in cache:
+            scores = list(cache[key])
+        else:
+            scores = _forget_qualities(r, r, np.array(first), np.array(second)).tolist()
+            if key is not None:
+                cache[key] = tuple(scores)
         if u is not None:
             method = _forget_qualities(u, r, np.array(picks), np.array(second)).tolist()
     value = float(np.mean(scores)) if scores else math.nan
@@ -1337,6 +1368,78 @@ def bootstrap_forget_quality(
     rows_u, rows_r = _bootstrap_rows(u.shape[0], num_resamples, seed)
     scores = _forget_qualities(u, r, rows_u, rows_r)  # one batched pass over all resamples
     return _interval_from_resamples(_forget_quality_unchecked(u, r), scores, level)
+
+
+class OfficialScores(TypedDict):
+    """What `official_scores` returns: the official metric of one method, with what we add."""
+
+    epsilon: np.ndarray  # float64 [num_examples]: per-example epsilon, `per_example_epsilons`
+    score: np.ndarray  # float64 [num_examples]: per-example score H, `example_scores`
+    forget_quality: float  # F, `forget_quality`
+    ceiling: CalibratedCeiling  # `calibrated_ceiling(retrained, unlearned=unlearned, seed=seed)`
+    interval: tuple[float, float] | None  # `bootstrap_forget_quality`; None without resamples
+
+
+def official_scores(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    *,
+    num_resamples: int = 100,
+    seed: int = 0,
+    level: float = 0.95,
+    repeats: int = 5,
+    cache: dict | None = None,
+) -> OfficialScores:
+    """Everything `unlearn score` reports of the official metric, for banks of equal N.
+
+    The same values as the straightforward calls (tested for equality): `per_example_epsilons`,
+    `example_scores`, their mean F, `calibrated_ceiling(retrained, unlearned=unlearned,
+    seed=seed, repeats=repeats)` and `bootstrap_forget_quality(unlearned, retrained,
+    num_resamples=num_resamples, seed=seed, level=level)`, computed with less work: the point
+    estimate's epsilons and every resample's go through one batched pass, F is not computed
+    twice, and with `cache` (a dict the caller keeps for one reference bank, see
+    `calibrated_ceiling`) the ceiling's own splits are scored once for all methods.
+
+    Args:
+        unlearned, retrained: `[num_models, num_examples]` confidences of the two banks (same N,
+            at least one example).
+        num_resamples: bootstrap resamples; 0 for no interval, else >= 2.
+
+    Returns:
+        an `OfficialScores` dict.
+    """
+    u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
+            f"unlearned and {r.shape[0]} retrained"
+        )
+    if u.shape[1] == 0:
+        raise ValueError("forget quality needs at least one forget example, got 0")
+    if num_resamples == 1 or num_resamples < 0:
+        raise ValueError(f"num_resamples must be 0 or at least 2, got {num_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n = u.shape[0]
+    # Row 0: the banks themselves (the point estimate); rows 1..: the bootstrap resamples.
+    rows_u = np.arange(n)[None, :]
+    rows_r = rows_u
+    if num_resamples:
+        boot_u, boot_r = _bootstrap_rows(n, num_resamples, seed)
+        rows_u, rows_r = np.vstack([rows_u, boot_u]), np.vstack([rows_r, boot_r])
+    eps = _pair_epsilons(u, r, rows_u, rows_r)  # [1 + num_resamples, E]
+    scores = example_scores(eps.ravel(), n).reshape(eps.shape)
+    point = float(np.mean(scores[0]))  # as `forget_quality`: one mean over the examples
+    interval = None
+    if num_resamples:
+        interval = _interval_from_resamples(point, scores[1:].mean(axis=1), level)
+    return OfficialScores(
+        epsilon=eps[0],
+        score=scores[0],
+        forget_quality=point,
+        ceiling=calibrated_ceiling(r, unlearned=u, seed=seed, repeats=repeats, cache=cache),
+        interval=interval,
+    )
 
 
 def _interval_from_resamples(
