@@ -585,6 +585,22 @@ def _example_epsilon_fast(
 # corrected against the grid's own floats (`_grid_positions`), and the interval family uses the
 # lattice argument of the comment above `_left_edge_values`, with its masked points settled from
 # the float left edges, exactly as there.
+# Fewer pairs than the per-example path (about 3x fewer on bootstrap resamples): a pair's rule
+# has tp = tpR - tpB and fp = fpR - fpB (counts up to the right edges minus counts below the left
+# ones), and within the region where no rule is discarded (fp >= 1, tp <= n - 1) the epsilon
+# table never falls as tp grows or rises as fp grows (`_table_monotone`, checked on the float32
+# table; if it failed, nothing below would be skipped). So a pair is left out when an evaluated
+# pair dominates it:
+# - lattice runs past the last one with fp >= 1 ("fp_last"): the next one has fp <= 0, an empty
+#   interval or a discarded rule, except perfect separation (tp = n, fp = 0), which can only be
+#   the run right after fp_last (tp falls along the runs); it is evaluated, later runs are not;
+# - M = 400 only (every run of a row run's window is reached): a lattice run whose next run adds
+#   no peaky point (same tp, fewer fp, still >= 1 up to fp_last) unless the next run is masked;
+# - M = 400 only: when the next row run adds peaky points only (same fp, more tp), it reaches
+#   every lattice run from its own first one on and dominates this row run there, except where
+#   its tp would reach n (discarded): `row_limit`.
+# Chains of such steps end at an evaluated pair with an epsilon at least as large, so the
+# maximum is unchanged (tested against the reference on resampled and rounded banks).
 _BATCH_VALUES = 1 << 14  # columns per chunk x models per bank: the per-column arrays are
 # [chunk, ~6n] int64, a few MiB each
 _BATCH_PAIRS = 1 << 21  # (row run, lattice run) pairs evaluated at once: bounds memory (~100 MiB)
@@ -788,7 +804,7 @@ def _interval_family_best_batched(
     first_run = np.searchsorted(run_key, col_key[row_col] + rstep_row * row_j0, side="right") - 1
     reach = rstep_row * row_j1 + cstep_row * (_NUM_LEFT_EDGES - 1)
     last_run = np.searchsorted(run_key, col_key[row_col] + reach, side="right") - 1
-    # Which of those pairs can matter (see the comment above `_interval_family_best_batched`):
+    # Which of those pairs can matter (see the comment above `_BATCH_VALUES`):
     # the lattice runs are in increasing order of data below, so the others inside a rule,
     # fp = fpR - fpB, fall as the run advances. `fp_last` is the last run with fp >= 1; the run
     # after it has fp <= 0: 0 (an empty interval, or a discarded rule) except for perfect
@@ -1028,9 +1044,8 @@ def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
     """`_epsilons_batched` on one chunk of rows `[k, n]` each; float64 `[k]`."""
     n = u.shape[1]
     table = _epsilon_table(n, n)
-    median_u = np.median(u, axis=1)
-    median_r = np.median(r, axis=1)
     u, r = np.sort(u, axis=1), np.sort(r, axis=1)
+    median_u, median_r = _sorted_median(u), _sorted_median(r)
     swap = (median_r > median_u)[:, None]  # spec 1.2: retrained positive iff strictly higher
     pos, neg = np.where(swap, r, u), np.where(swap, u, r)
     range_pos = pos[:, -1] - pos[:, 0]
@@ -1051,6 +1066,15 @@ def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
         best = _interval_family_best_batched(peaky, other, narrowest[run], table, best)
         eps[run] = np.minimum(best, np.float32(EPSILON_CAP)).astype(np.float64)
     return eps
+
+
+def _sorted_median(rows: np.ndarray) -> np.ndarray:
+    """`np.median(rows, axis=1)` of rows already sorted `[k, n]`, the same floats: numpy takes
+    the mean of the two middle values for even n (their sum, halved), the middle one for odd."""
+    n = rows.shape[1]
+    if n % 2:
+        return rows[:, n // 2].copy()
+    return (rows[:, n // 2 - 1] + rows[:, n // 2]) / 2.0
 
 
 def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
@@ -1342,6 +1366,12 @@ def bootstrap_forget_quality(
 
     Cost: num_resamples F's, batched: about 4x less CPU than one F at a time (see the README,
     Benchmarks); the interval's ends move by ~0.1 sd of F between two seeds at 100 resamples.
+    `official_scores` gives the same interval with the point estimate in the same pass.
+
+    The resamples: `_bootstrap_rows(N, num_resamples, seed)`, one `numpy.random.default_rng(seed)`
+    stream, resample by resample, N draws of the unlearned bank's models then N of the reference
+    bank's (`rng.integers(0, N, N)` each). The same seed gives the same resamples, whichever
+    method is scored.
 
     Args:
         unlearned: `[num_models, num_examples]` confidences of the unlearned bank.
