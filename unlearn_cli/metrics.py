@@ -858,10 +858,10 @@ def _interval_family_best_batched(
         count_w = row_count[keep_rows].astype(small)
         first_w, last_w = first_run[keep_rows], last_run[keep_rows]
         if wide:
-            pool = None  # every run of first_run..last_run, through the reachability test
+            below_w = below_small  # every run of first_run..last_run, then the reachability test
             pairs_w = last_w - first_w + 1
         else:
-            pool = candidate
+            below_w = below_small[candidate]  # positions below index the candidate runs
             limit_w = row_limit[keep_rows]
             top = np.minimum(last_w, fp_last[keep_rows])
             extra = np.stack([top, fp_last[keep_rows] + 1], axis=1)  # [rows, 2]
@@ -881,6 +881,8 @@ def _interval_family_best_batched(
             )
             if pairs_w.size == 0:
                 continue
+        position_type = np.int32 if below_w.size < 1 << 31 else np.int64
+        first_w = first_w.astype(position_type)
         cumulative = np.cumsum(pairs_w)
         splits = np.searchsorted(cumulative, np.arange(_BATCH_PAIRS, cumulative[-1], _BATCH_PAIRS))
         edges = np.unique(np.r_[0, splits, pairs_w.size])
@@ -888,13 +890,11 @@ def _interval_family_best_batched(
             rows = slice(lo_row, hi_row)
             counts = pairs_w[rows]
             ends = np.cumsum(counts)
-            offsets = np.repeat(first_w[rows] - ends + counts, counts)
-            pair_run = np.arange(ends[-1], dtype=np.int64)
+            offsets = np.repeat(first_w[rows] - (ends - counts).astype(position_type), counts)
+            pair_run = np.arange(ends[-1], dtype=position_type)
             pair_run += offsets
-            if pool is not None:
-                pair_run = pool[pair_run]
             index = np.repeat(count_w[rows], counts)
-            index -= below_small[pair_run]
+            index -= below_w[pair_run]
             if wide:  # is the lattice run reached by some rule of the row run?
                 j0 = np.repeat(j0_w[rows], counts)
                 j1 = np.repeat(j1_w[rows], counts)

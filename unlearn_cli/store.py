@@ -23,7 +23,6 @@ killed run are removed by the next command that writes. A lock file keeps two wr
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as _dt
 import fcntl
 import io
@@ -165,9 +164,9 @@ class Store:
         self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
         self._hashes: set[str] | None = None
         self._classes: int | None = None  # read once (see num_classes)
-        # experiment.json as last parsed, with the (inode, size, mtime) it was read at: read
-        # again only when the file changed (scoring asks for it once per model read)
-        self._experiment: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+        # experiment.json's text as last read, with the (inode, size, mtime) it was read at:
+        # read again only when the file changed (scoring asks for it once per model read)
+        self._experiment: tuple[tuple[int, int, int], str] | None = None
 
     # layout -----------------------------------------------------------------
     @property
@@ -211,11 +210,11 @@ class Store:
             info = self.experiment_file.stat()
             stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
             if self._experiment is None or self._experiment[0] != stamp:
-                exp = json.loads(self.experiment_file.read_text())
-                if not isinstance(exp, dict):
-                    raise ValueError("not a JSON object")
-                self._experiment = (stamp, exp)
-            return copy.deepcopy(self._experiment[1])  # the caller may change its copy
+                self._experiment = (stamp, self.experiment_file.read_text())
+            exp = json.loads(self._experiment[1])  # a fresh dict: the caller may change it
+            if not isinstance(exp, dict):
+                raise ValueError("not a JSON object")
+            return exp
         except (OSError, ValueError) as exc:
             raise StoreError(
                 f"{self.experiment_file} is unreadable ({exc}); delete {self.experiment_file} "
