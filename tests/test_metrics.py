@@ -449,6 +449,47 @@ def test_left_edge_values_equal_linspace():
             )
 
 
+@pytest.mark.parametrize("skip_dominated", [True, False])
+@pytest.mark.parametrize("num_right", [400, 401])
+def test_batched_interval_family_equals_reference_with_resampled_ties(
+    num_right, skip_dominated, monkeypatch
+):
+    # The batched interval family leaves out the (row run, lattice run) pairs that another
+    # evaluated pair dominates (same tp and fewer fp, or same fp and more tp, both inside the
+    # region where no rule is discarded) and those past the last rule with fp >= 1 but one.
+    # Checked against every rule counted from its float thresholds, on bootstrap-like banks
+    # (each column a resample with repeats), rounded data (ties, data on lattice points), and
+    # with the skipping switched off (the table treated as not monotone).
+    if not skip_dominated:
+        monkeypatch.setattr(metrics, "_table_monotone", lambda n: False)
+    rng = np.random.default_rng(20 + num_right)
+    cases = [c for c in _interval_cases(rng, num_right, 40) if c[0].size <= 100][:30]
+    for n in sorted({p.size for p, _, _ in cases}):
+        group = [c for c in cases if c[0].size == n]
+        rows = []
+        for peaky, other, width in group:
+            rows.append((peaky, other, width))
+            for _ in range(2):  # resamples that keep the grids (same extremes), with repeats
+                p = np.sort(np.r_[peaky[[0, -1]], rng.choice(peaky, n - 2)]) if n > 2 else peaky
+                o = np.sort(np.r_[other[[0, -1]], rng.choice(other, n - 2)]) if n > 2 else other
+                rows.append((p, o, width))
+        peaky = np.stack([r[0] for r in rows])
+        other = np.stack([r[1] for r in rows])
+        width = np.array([r[2] for r in rows])
+        table = metrics._epsilon_table(n, n)
+        floor = np.zeros(len(rows), dtype=np.float32)
+        batched = metrics._interval_family_best_batched(peaky, other, width, table, floor)
+        for k, (p, o, w) in enumerate(rows):
+            assert batched[k] == metrics._interval_family_best_reference(p, o, w), (n, k)
+
+
+@pytest.mark.parametrize("num_models", [3, 10, 30, 100, 512])
+def test_epsilon_table_is_monotone_where_rules_are_kept(num_models):
+    # What lets the batched interval family skip dominated rules: checked on the float32 table
+    # itself (if it ever failed, nothing would be skipped and the values would stay equal).
+    assert metrics._table_monotone(num_models)
+
+
 def test_tie_rules_of_spec():
     low, high = np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 5.0])
     # 1.2: the retrained bank is positive only if its median is strictly higher
@@ -619,3 +660,15 @@ def test_method_share_of_the_ceiling_is_like_for_like():
     assert poor["method_forget_quality"] == pytest.approx(poor["share"] * poor["forget_quality"])
 
 
+
+
+def test_median_of_sorted_rows_equals_np_median():
+    # The batched engine takes each bank's median from its sorted rows (spec 1.2 compares them
+    # strictly, so they must be numpy's very floats).
+    rng = np.random.default_rng(11)
+    for n in (2, 3, 4, 7, 100, 101):
+        x = rng.normal(size=(500, n)) * rng.choice([1e-300, 1.0, 1e300], size=(500, 1))
+        x[::7] = np.round(x[::7], 1)
+        np.testing.assert_array_equal(
+            metrics._sorted_median(np.sort(x, axis=1)), np.median(x, axis=1)
+        )

@@ -154,3 +154,44 @@ def test_interval_is_centred_on_f_despite_resampling_ties():
     low, high = bootstrap_forget_quality(unlearned, retrained, num_resamples=60, seed=0)
     assert (low + high) / 2 == pytest.approx(f)
     assert high - low == pytest.approx(2 * 1.959964 * resampled.std(ddof=1), rel=1e-5)
+
+
+@pytest.mark.parametrize("num_resamples", [0, 7])
+def test_official_scores_equal_the_straightforward_calls(num_resamples):
+    # `unlearn score`'s one batched pass (point estimate and resamples together, the ceiling's
+    # splits kept for the next method) gives exactly what the separate calls give.
+    rng = np.random.default_rng(5)
+    retrained = rng.normal(0.0, 1.0, (14, 9))
+    methods = [np.round(rng.normal(0.3, 0.7, (14, 9)), 1), rng.normal(0.0, 1.0, (14, 9))]
+    cache: dict = {}
+    for unlearned in methods:
+        for seed in (0, 3):
+            got = metrics.official_scores(unlearned, retrained, num_resamples=num_resamples,
+                                          seed=seed, repeats=2, cache=cache)
+            eps = metrics.per_example_epsilons(unlearned, retrained)
+            np.testing.assert_array_equal(got["epsilon"], eps)
+            np.testing.assert_array_equal(got["score"], example_scores(eps, 14))
+            assert got["forget_quality"] == forget_quality(unlearned, retrained)
+            assert got["ceiling"] == metrics.calibrated_ceiling(
+                retrained, unlearned=unlearned, seed=seed, repeats=2)
+            expected = None
+            if num_resamples:
+                expected = bootstrap_forget_quality(unlearned, retrained,
+                                                    num_resamples=num_resamples, seed=seed)
+            assert got["interval"] == expected
+    assert len(cache) == 2  # one ceiling per seed, shared by both methods
+
+
+def test_ceiling_cache_is_keyed_by_the_reference_bank():
+    # A cache handed a different reference bank (or size of unlearned bank) computes afresh.
+    rng = np.random.default_rng(6)
+    first, second = rng.normal(0.0, 1.0, (12, 8)), rng.normal(0.0, 2.0, (12, 8))
+    cache: dict = {}
+    metrics.calibrated_ceiling(first, seed=1, repeats=2, cache=cache)
+    assert metrics.calibrated_ceiling(second, seed=1, repeats=2, cache=cache) == (
+        metrics.calibrated_ceiling(second, seed=1, repeats=2))
+    unlearned = rng.normal(0.0, 1.0, (10, 8))
+    assert metrics.calibrated_ceiling(first, unlearned=unlearned, seed=1, repeats=2,
+                                      cache=cache) == (
+        metrics.calibrated_ceiling(first, unlearned=unlearned, seed=1, repeats=2))
+    assert len(cache) == 3

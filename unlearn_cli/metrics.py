@@ -33,6 +33,7 @@ Where a last-bit difference could change a reported number, and why it cannot: R
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ __all__ = [
     "example_scores",
     "forget_quality",
     "logit_scaled_confidence",
+    "official_scores",
     "per_example_epsilons",
     "per_example_epsilons_reference",
 ]
@@ -583,6 +585,22 @@ def _example_epsilon_fast(
 # corrected against the grid's own floats (`_grid_positions`), and the interval family uses the
 # lattice argument of the comment above `_left_edge_values`, with its masked points settled from
 # the float left edges, exactly as there.
+# Fewer pairs than the per-example path (about 3x fewer on bootstrap resamples): a pair's rule
+# has tp = tpR - tpB and fp = fpR - fpB (counts up to the right edges minus counts below the left
+# ones), and within the region where no rule is discarded (fp >= 1, tp <= n - 1) the epsilon
+# table never falls as tp grows or rises as fp grows (`_table_monotone`, checked on the float32
+# table; if it failed, nothing below would be skipped). So a pair is left out when an evaluated
+# pair dominates it:
+# - lattice runs past the last one with fp >= 1 ("fp_last"): the next one has fp <= 0, an empty
+#   interval or a discarded rule, except perfect separation (tp = n, fp = 0), which can only be
+#   the run right after fp_last (tp falls along the runs); it is evaluated, later runs are not;
+# - M = 400 only (every run of a row run's window is reached): a lattice run whose next run adds
+#   no peaky point (same tp, fewer fp, still >= 1 up to fp_last) unless the next run is masked;
+# - M = 400 only: when the next row run adds peaky points only (same fp, more tp), it reaches
+#   every lattice run from its own first one on and dominates this row run there, except where
+#   its tp would reach n (discarded): `row_limit`.
+# Chains of such steps end at an evaluated pair with an epsilon at least as large, so the
+# maximum is unchanged (tested against the reference on resampled and rounded banks).
 _BATCH_VALUES = 1 << 14  # columns per chunk x models per bank: the per-column arrays are
 # [chunk, ~6n] int64, a few MiB each
 _BATCH_PAIRS = 1 << 21  # (row run, lattice run) pairs evaluated at once: bounds memory (~100 MiB)
@@ -772,40 +790,99 @@ def _interval_family_best_batched(
     run_end[:-1] = np.where(same, run_start[1:] - 1, last[run_col[:-1]])
     if run_end.size:
         run_end[-1] = last[run_col[-1]]
-    run_below = count_below(run_col, run_start)
+    run_below = count_below(run_col, run_start)  # data below each run (sitting data excluded)
+    masked_run = np.zeros(run_key.size, dtype=bool)
     masked_key = np.empty(0, dtype=np.int64)
     if is_masked.any():
         masked_key = np.unique((col_key[:, None] + masked_at)[is_masked])
-        run_below[np.isin(run_key, masked_key)] = _MASKED  # settled from the floats below
+        masked_run = np.isin(run_key, masked_key)  # settled from the floats below
 
     # (row run, lattice run) pairs: rows j0..j1 reach lattice indices row_step * j0 up to
-    # row_step * j1 + col_step * 399.
+    # row_step * j1 + col_step * 399, i.e. the lattice runs first_run..last_run.
     rstep_row = row_step[row_col]
     cstep_row = col_step[row_col]
     first_run = np.searchsorted(run_key, col_key[row_col] + rstep_row * row_j0, side="right") - 1
     reach = rstep_row * row_j1 + cstep_row * (_NUM_LEFT_EDGES - 1)
     last_run = np.searchsorted(run_key, col_key[row_col] + reach, side="right") - 1
-    num_pairs = last_run - first_run + 1
+    # Which of those pairs can matter (see the comment above `_BATCH_VALUES`):
+    # the lattice runs are in increasing order of data below, so the others inside a rule,
+    # fp = fpR - fpB, fall as the run advances. `fp_last` is the last run with fp >= 1; the run
+    # after it has fp <= 0: 0 (an empty interval, or a discarded rule) except for perfect
+    # separation, and every later run is 0. Runs past fp_last + 1 are never evaluated.
+    run_fp = run_below % stride  # others below the run (non-decreasing within a column)
+    fp_key = run_col * (stride + 1) + run_fp
+    row_fp = row_count % stride
+    fp_last = np.searchsorted(fp_key, row_col * (stride + 1) + row_fp - 1, side="right") - 1
+    last_run = np.minimum(last_run, fp_last + 1)
+    num_pairs = np.maximum(last_run - first_run + 1, 0)
+    # M = 400: when the next row run adds peaky points only (same fp, more tp), it reaches every
+    # lattice run from its own first_run on, and dominates this row there as long as its tp
+    # stays <= n - 1; this row then only needs the runs before that point (`row_limit`).
+    row_limit = np.full(row_col.size, np.iinfo(np.int64).max)
+    if _table_monotone(n) and row_col.size > 1:
+        next_peaky_only = (row_col[1:] == row_col[:-1]) & (row_fp[1:] == row_fp[:-1])
+        tp_key = run_col * (stride + 1) + run_below // stride
+        next_tp = row_count[1:] // stride
+        # runs whose tp below leaves the next row n tp or more: that row would be discarded there
+        prefix_end = np.searchsorted(tp_key, row_col[:-1] * (stride + 1) + next_tp - n,
+                                     side="right") - 1
+        row_limit[:-1] = np.where(
+            next_peaky_only, np.maximum(first_run[1:] - 1, prefix_end), row_limit[:-1]
+        )
     # Columns whose pairs would outnumber their rules (dense data, M = 401): per-example path.
     per_col_pairs = np.bincount(row_col, weights=num_pairs, minlength=num_cols)
     dense = is401 & (per_col_pairs > _DENSE_FALLBACK_PAIRS)
-    if dense.any():
-        keep_rows = ~dense[row_col]
-        row_col, row_j0, row_j1 = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
-        row_count, first_run, num_pairs = (
-            row_count[keep_rows], first_run[keep_rows], num_pairs[keep_rows]
-        )
+    keep_rows = (num_pairs > 0) & ~dense[row_col]
+    row_col, row_j0, row_j1 = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
+    row_count, first_run, last_run, fp_last, row_limit = (
+        row_count[keep_rows], first_run[keep_rows], last_run[keep_rows], fp_last[keep_rows],
+        row_limit[keep_rows],
+    )
+    # M = 400 (every run of first_run..last_run reached): of the runs up to fp_last, only those
+    # whose next run adds a peaky point (or is masked, or is the column's last) can hold a
+    # row's best; the others are dominated by the next run (same tp, fewer fp, still >= 1).
+    # Then fp_last itself and fp_last + 1 (the perfect-separation candidate) are added.
+    not_last = np.r_[run_col[1:] == run_col[:-1], False]
+    adds_peaky = np.ones(run_key.size, dtype=bool)
+    if _table_monotone(n):
+        adds_peaky[:-1] = (run_below[1:] // stride != run_below[:-1] // stride) | masked_run[1:]
+    candidate = np.flatnonzero(~masked_run & (adds_peaky | ~not_last))
     # int32 from here where the flat counts allow it; masked runs far below 0
     small = np.int32 if stride * stride < 1 << 29 else np.int64
-    below_small = np.where(run_below == _MASKED, 1 << 30, run_below).astype(small)
+    below_small = np.where(masked_run, 1 << 30, run_below).astype(small)
     for wide in (False, True):  # M = 400 columns, then M = 401 ones (reachability test)
         keep_rows = np.flatnonzero(is401[row_col] == wide)
         if keep_rows.size == 0:
             continue
         cols_w, j0_w, j1_w = row_col[keep_rows], row_j0[keep_rows], row_j1[keep_rows]
-        count_w, first_w, pairs_w = (
-            row_count[keep_rows].astype(small), first_run[keep_rows], num_pairs[keep_rows]
-        )
+        count_w = row_count[keep_rows].astype(small)
+        first_w, last_w = first_run[keep_rows], last_run[keep_rows]
+        if wide:
+            below_w = below_small  # every run of first_run..last_run, then the reachability test
+            pairs_w = last_w - first_w + 1
+        else:
+            below_w = below_small[candidate]  # positions below index the candidate runs
+            limit_w = row_limit[keep_rows]
+            top = np.minimum(last_w, fp_last[keep_rows])
+            extra = np.stack([top, fp_last[keep_rows] + 1], axis=1)  # [rows, 2]
+            extra_ok = (extra >= first_w[:, None]) & (extra <= last_w[:, None])
+            extra_ok &= extra <= limit_w[:, None]
+            top = np.minimum(top, limit_w)
+            index = count_w[:, None] - below_small[np.where(extra_ok, extra, 0)]
+            index[~extra_ok] = 0
+            np.maximum(index, 0, out=index)
+            _row_segment_max(table.take(index).max(axis=1), cols_w, best)
+            first_in_pool = np.searchsorted(candidate, first_w, side="left")
+            pairs_w = np.searchsorted(candidate, top, side="right") - first_in_pool
+            first_w = first_in_pool
+            keep_rows = pairs_w > 0
+            cols_w, count_w, first_w, pairs_w = (
+                cols_w[keep_rows], count_w[keep_rows], first_w[keep_rows], pairs_w[keep_rows]
+            )
+            if pairs_w.size == 0:
+                continue
+        position_type = np.int32 if below_w.size < 1 << 31 else np.int64
+        first_w = first_w.astype(position_type)
         cumulative = np.cumsum(pairs_w)
         splits = np.searchsorted(cumulative, np.arange(_BATCH_PAIRS, cumulative[-1], _BATCH_PAIRS))
         edges = np.unique(np.r_[0, splits, pairs_w.size])
@@ -813,11 +890,11 @@ def _interval_family_best_batched(
             rows = slice(lo_row, hi_row)
             counts = pairs_w[rows]
             ends = np.cumsum(counts)
-            offsets = np.repeat(first_w[rows] - ends + counts, counts)
-            pair_run = np.arange(ends[-1], dtype=np.int64)
+            offsets = np.repeat(first_w[rows] - (ends - counts).astype(position_type), counts)
+            pair_run = np.arange(ends[-1], dtype=position_type)
             pair_run += offsets
             index = np.repeat(count_w[rows], counts)
-            index -= below_small[pair_run]
+            index -= below_w[pair_run]
             if wide:  # is the lattice run reached by some rule of the row run?
                 j0 = np.repeat(j0_w[rows], counts)
                 j1 = np.repeat(j1_w[rows], counts)
@@ -898,6 +975,21 @@ def _interval_family_best_batched(
     return best
 
 
+@lru_cache(maxsize=16)
+def _table_monotone(n: int) -> bool:
+    """Whether the epsilon table for two banks of n models is monotone inside the region where
+    no rule is discarded (1 <= fp, tp <= n - 1): it never falls as tp grows, never rises as fp
+    grows.
+
+    True in exact arithmetic (both epsilon terms rise with TPR and fall with FPR); checked on
+    the float32 values themselves, since the batched interval family skips a rule whenever a
+    rule that dominates it (no fewer tp, no more fp, still in that region) is evaluated. Where
+    this fails, nothing is skipped.
+    """
+    table = _epsilon_table(n, n).reshape(n + 1, n + 1)[:n, 1:]  # tp 0..n-1, fp 1..n
+    return bool(np.all(table[:, :-1] >= table[:, 1:]) and np.all(table[:-1] <= table[1:]))
+
+
 def _grid_element(
     i: np.ndarray, start: np.ndarray, stop: np.ndarray, size: np.ndarray
 ) -> np.ndarray:
@@ -952,9 +1044,8 @@ def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
     """`_epsilons_batched` on one chunk of rows `[k, n]` each; float64 `[k]`."""
     n = u.shape[1]
     table = _epsilon_table(n, n)
-    median_u = np.median(u, axis=1)
-    median_r = np.median(r, axis=1)
     u, r = np.sort(u, axis=1), np.sort(r, axis=1)
+    median_u, median_r = _sorted_median(u), _sorted_median(r)
     swap = (median_r > median_u)[:, None]  # spec 1.2: retrained positive iff strictly higher
     pos, neg = np.where(swap, r, u), np.where(swap, u, r)
     range_pos = pos[:, -1] - pos[:, 0]
@@ -975,6 +1066,15 @@ def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
         best = _interval_family_best_batched(peaky, other, narrowest[run], table, best)
         eps[run] = np.minimum(best, np.float32(EPSILON_CAP)).astype(np.float64)
     return eps
+
+
+def _sorted_median(rows: np.ndarray) -> np.ndarray:
+    """`np.median(rows, axis=1)` of rows already sorted `[k, n]`, the same floats: numpy takes
+    the mean of the two middle values for even n (their sum, halved), the middle one for odd."""
+    n = rows.shape[1]
+    if n % 2:
+        return rows[:, n // 2].copy()
+    return (rows[:, n // 2 - 1] + rows[:, n // 2]) / 2.0
 
 
 def per_example_epsilons(unlearned: np.ndarray, retrained: np.ndarray) -> np.ndarray:
@@ -1070,11 +1170,25 @@ def _forget_qualities(
         epsilons column by column, and F is a sum of powers of two divided once by E, exact in
         any order of summation).
     """
+    m = unlearned_rows.shape[1]
+    return example_scores(
+        _pair_epsilons(unlearned, retrained, unlearned_rows, retrained_rows).ravel(), m
+    ).reshape(unlearned_rows.shape[0], -1).mean(axis=1)
+
+
+def _pair_epsilons(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    unlearned_rows: np.ndarray,
+    retrained_rows: np.ndarray,
+) -> np.ndarray:
+    """Per-example epsilons of many pairs of sub-banks (see `_forget_qualities`): float64
+    `[G, num_examples]`, row g equal to `per_example_epsilons` of pair g's banks."""
     num_pairs, m = unlearned_rows.shape
     num_examples = unlearned.shape[1]
     u_t = np.ascontiguousarray(unlearned.T)  # [E, num_models]: a model's values are a column
     r_t = np.ascontiguousarray(retrained.T)
-    out = np.empty(num_pairs)
+    out = np.empty((num_pairs, num_examples))
     per_call = max(1, _COLUMNS_PER_CALL // max(num_examples, 1))
     for lo in range(0, num_pairs, per_call):
         rows_u = unlearned_rows[lo : lo + per_call]
@@ -1082,8 +1196,7 @@ def _forget_qualities(
         # [g, E, m] -> one row per (pair, example)
         u_cols = u_t[:, rows_u].transpose(1, 0, 2).reshape(-1, m)
         r_cols = r_t[:, rows_r].transpose(1, 0, 2).reshape(-1, m)
-        eps = _epsilons_batched(u_cols, r_cols)
-        out[lo : lo + per_call] = example_scores(eps, m).reshape(-1, num_examples).mean(axis=1)
+        out[lo : lo + per_call] = _epsilons_batched(u_cols, r_cols).reshape(-1, num_examples)
     return out
 
 
@@ -1133,6 +1246,7 @@ def calibrated_ceiling(
     unlearned: np.ndarray | None = None,
     seed: int = 0,
     repeats: int = 5,
+    cache: dict | None = None,
 ) -> CalibratedCeiling:
     """The F a perfect unlearner gets at this N: one half of the reference models scored as if
     they were unlearned models, against the other half (spec section 4).
@@ -1164,6 +1278,11 @@ def calibrated_ceiling(
         seed: seed of the random splits.
         repeats: number of random splits to average (each costs one F at N // 2, two with
             `unlearned`).
+        cache: optional dict kept by a caller that scores several methods against one
+            reference bank: the ceiling's own F per split depends only on `retrained`, the seed,
+            `repeats` and the size of `unlearned` (which the splits' random stream depends on),
+            so it is computed once and kept there under those (the bank by a digest of its
+            bytes). The values are the same with or without it.
 
     Returns:
         {"forget_quality": mean F, "num_models": N // 2, "per_split": [F of each split],
@@ -1191,7 +1310,17 @@ def calibrated_ceiling(
                 picks.append(rng.permutation(u.shape[0])[:half])
         # All splits in one batched pass: F(first half vs second half) for the ceiling, and
         # F(picked unlearned models vs the same second half) for the method.
-        scores = _forget_qualities(r, r, np.array(first), np.array(second)).tolist()
+        key = None
+        if cache is not None:
+            digest = hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=16)
+            key = ("ceiling", r.shape, digest.hexdigest(), seed, repeats,
+                   None if u is None else u.shape[0])
+        if key is not None and key in cache:
+            scores = list(cache[key])
+        else:
+            scores = _forget_qualities(r, r, np.array(first), np.array(second)).tolist()
+            if key is not None:
+                cache[key] = tuple(scores)
         if u is not None:
             method = _forget_qualities(u, r, np.array(picks), np.array(second)).tolist()
     value = float(np.mean(scores)) if scores else math.nan
@@ -1237,6 +1366,12 @@ def bootstrap_forget_quality(
 
     Cost: num_resamples F's, batched: about 4x less CPU than one F at a time (see the README,
     Benchmarks); the interval's ends move by ~0.1 sd of F between two seeds at 100 resamples.
+    `official_scores` gives the same interval with the point estimate in the same pass.
+
+    The resamples: `_bootstrap_rows(N, num_resamples, seed)`, one `numpy.random.default_rng(seed)`
+    stream, resample by resample, N draws of the unlearned bank's models then N of the reference
+    bank's (`rng.integers(0, N, N)` each). The same seed gives the same resamples, whichever
+    method is scored.
 
     Args:
         unlearned: `[num_models, num_examples]` confidences of the unlearned bank.
@@ -1263,6 +1398,78 @@ def bootstrap_forget_quality(
     rows_u, rows_r = _bootstrap_rows(u.shape[0], num_resamples, seed)
     scores = _forget_qualities(u, r, rows_u, rows_r)  # one batched pass over all resamples
     return _interval_from_resamples(_forget_quality_unchecked(u, r), scores, level)
+
+
+class OfficialScores(TypedDict):
+    """What `official_scores` returns: the official metric of one method, with what we add."""
+
+    epsilon: np.ndarray  # float64 [num_examples]: per-example epsilon, `per_example_epsilons`
+    score: np.ndarray  # float64 [num_examples]: per-example score H, `example_scores`
+    forget_quality: float  # F, `forget_quality`
+    ceiling: CalibratedCeiling  # `calibrated_ceiling(retrained, unlearned=unlearned, seed=seed)`
+    interval: tuple[float, float] | None  # `bootstrap_forget_quality`; None without resamples
+
+
+def official_scores(
+    unlearned: np.ndarray,
+    retrained: np.ndarray,
+    *,
+    num_resamples: int = 100,
+    seed: int = 0,
+    level: float = 0.95,
+    repeats: int = 5,
+    cache: dict | None = None,
+) -> OfficialScores:
+    """Everything `unlearn score` reports of the official metric, for banks of equal N.
+
+    The same values as the straightforward calls (tested for equality): `per_example_epsilons`,
+    `example_scores`, their mean F, `calibrated_ceiling(retrained, unlearned=unlearned,
+    seed=seed, repeats=repeats)` and `bootstrap_forget_quality(unlearned, retrained,
+    num_resamples=num_resamples, seed=seed, level=level)`, computed with less work: the point
+    estimate's epsilons and every resample's go through one batched pass, F is not computed
+    twice, and with `cache` (a dict the caller keeps for one reference bank, see
+    `calibrated_ceiling`) the ceiling's own splits are scored once for all methods.
+
+    Args:
+        unlearned, retrained: `[num_models, num_examples]` confidences of the two banks (same N,
+            at least one example).
+        num_resamples: bootstrap resamples; 0 for no interval, else >= 2.
+
+    Returns:
+        an `OfficialScores` dict.
+    """
+    u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
+            f"unlearned and {r.shape[0]} retrained"
+        )
+    if u.shape[1] == 0:
+        raise ValueError("forget quality needs at least one forget example, got 0")
+    if num_resamples == 1 or num_resamples < 0:
+        raise ValueError(f"num_resamples must be 0 or at least 2, got {num_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n = u.shape[0]
+    # Row 0: the banks themselves (the point estimate); rows 1..: the bootstrap resamples.
+    rows_u = np.arange(n)[None, :]
+    rows_r = rows_u
+    if num_resamples:
+        boot_u, boot_r = _bootstrap_rows(n, num_resamples, seed)
+        rows_u, rows_r = np.vstack([rows_u, boot_u]), np.vstack([rows_r, boot_r])
+    eps = _pair_epsilons(u, r, rows_u, rows_r)  # [1 + num_resamples, E]
+    scores = example_scores(eps.ravel(), n).reshape(eps.shape)
+    point = float(np.mean(scores[0]))  # as `forget_quality`: one mean over the examples
+    interval = None
+    if num_resamples:
+        interval = _interval_from_resamples(point, scores[1:].mean(axis=1), level)
+    return OfficialScores(
+        epsilon=eps[0],
+        score=scores[0],
+        forget_quality=point,
+        ceiling=calibrated_ceiling(r, unlearned=u, seed=seed, repeats=repeats, cache=cache),
+        interval=interval,
+    )
 
 
 def _interval_from_resamples(

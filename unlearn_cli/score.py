@@ -131,38 +131,36 @@ def _timed(bank: dict[str, Any], keep: list[int], how: str, clock: str) -> dict[
     }
 
 
-def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, seed: int
-                   ) -> dict[str, Any]:
-    eps = metrics.per_example_epsilons(u_conf, r_conf)
-    n = u_conf.shape[0]
-    scores = metrics.example_scores(eps, n)
-    fq = float(np.mean(scores))
+def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, seed: int,
+                   cache: dict | None = None) -> dict[str, Any]:
     # Like for like: the ceiling is F at N // 2 (two halves of the references), so the method is
     # also scored at N // 2 against the same reference halves; `share` compares those two.
-    ceiling = metrics.calibrated_ceiling(r_conf, unlearned=u_conf, seed=seed)
+    # One batched pass for the point estimate and the resamples; the ceiling's own splits once
+    # per reference bank when `cache` is kept across methods (metrics.official_scores).
+    part = metrics.official_scores(u_conf, r_conf, num_resamples=bootstrap, seed=seed,
+                                   cache=cache)
     out: dict[str, Any] = {
-        "forget_quality": fq,
-        "epsilon": eps,
-        "score": scores,
-        "ceiling": ceiling,
+        "forget_quality": part["forget_quality"],
+        "epsilon": part["epsilon"],
+        "score": part["score"],
+        "ceiling": part["ceiling"],
     }
-    if bootstrap > 0:
-        lo, hi = metrics.bootstrap_forget_quality(
-            u_conf, r_conf, num_resamples=bootstrap, seed=seed
-        )
-        out["interval"] = [float(lo), float(hi)]
+    if part["interval"] is not None:
+        out["interval"] = [float(part["interval"][0]), float(part["interval"][1])]
     return out
 
 
 def score_method(store: Store, method: str, *, metric: str = "official", bootstrap: int = 100,
                  seed: int = 0, references: dict[str, Any] | None = None,
-                 keep_confidences: bool = False) -> dict[str, Any]:
+                 keep_confidences: bool = False, cache: dict | None = None) -> dict[str, Any]:
     """The report for one stored method (see the README for its fields).
 
     references: every stored reference model's outputs as `_bank` stacks them, when the caller
     scores several methods and loads them once; read from the store otherwise.
     keep_confidences: also return both banks' forget confidences, `[N, E]` float64 each, under
     "confidences" (for the HTML report and figures, which take them out before JSON is written).
+    cache: a dict kept across the methods of one run (work that depends only on the reference
+    bank, e.g. the ceiling's splits, is done once; see metrics.official_scores).
     """
     exp = store.read_experiment()
     split = store.load_split()
@@ -245,7 +243,7 @@ def score_method(store: Store, method: str, *, metric: str = "official", bootstr
     }
     ra, ta = utility["retain_accuracy"]["ratio"], utility["test_accuracy"]["ratio"]
     if metric in ("official", "all"):
-        part = _official_part(u_conf, r_conf, bootstrap=bootstrap, seed=seed)
+        part = _official_part(u_conf, r_conf, bootstrap=bootstrap, seed=seed, cache=cache)
         fq = part["forget_quality"]
         ceiling = part["ceiling"]
         report["forget_quality"] = fq
@@ -421,6 +419,7 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
             attacks.start_seed_helpers(_seed_workers(store.read_experiment()))
     # The reference bank is the same for every method: read its outputs once.
     references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
+    cache: dict = {}  # shared work across methods (the ceiling's splits)
     return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
-                         references=references, keep_confidences=keep_confidences)
+                         references=references, keep_confidences=keep_confidences, cache=cache)
             for m in chosen]

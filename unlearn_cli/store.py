@@ -27,11 +27,14 @@ import datetime as _dt
 import fcntl
 import io
 import json
+import math
 import os
 import platform
 import re
+import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,6 +164,9 @@ class Store:
         self._split: dict[str, np.ndarray] | None = None  # read once: it never changes
         self._hashes: set[str] | None = None
         self._classes: int | None = None  # read once (see num_classes)
+        # experiment.json's text as last read, with the (inode, size, mtime) it was read at:
+        # read again only when the file changed (scoring asks for it once per model read)
+        self._experiment: tuple[tuple[int, int, int], str] | None = None
 
     # layout -----------------------------------------------------------------
     @property
@@ -201,7 +207,11 @@ class Store:
                 f"run `unlearn train-refs --store {self.root}` first"
             )
         try:
-            exp = json.loads(self.experiment_file.read_text())
+            info = self.experiment_file.stat()
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if self._experiment is None or self._experiment[0] != stamp:
+                self._experiment = (stamp, self.experiment_file.read_text())
+            exp = json.loads(self._experiment[1])  # a fresh dict: the caller may change it
             if not isinstance(exp, dict):
                 raise ValueError("not a JSON object")
             return exp
@@ -246,8 +256,7 @@ class Store:
         for kind, seed, method in self.stored_models():
             path = self.model_dir(kind, seed, method) / "outputs.npz"
             try:
-                with np.load(path, allow_pickle=False) as npz:
-                    meta = json.loads(str(npz["meta"]))
+                meta = json.loads(str(read_npz(path, only="meta")["meta"]))
                 key = (str(meta["config_hash"]), meta.get("split_hash"))
             except Exception:  # noqa: BLE001 - damaged: found and redone by `damaged`
                 continue
@@ -346,6 +355,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.split_file, _npz_bytes(split, {"split_hash": split_hash}))
         self._split = self._hashes = self._classes = None  # what was read before is stale
+        self._experiment = None
         record = {
             "schema": SCHEMA,
             "config": cfg.to_dict(),
@@ -676,8 +686,7 @@ class Store:
         if not path.is_file():
             raise StoreError(f"{path} is missing")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+            arrays = read_npz(path)
             meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
             if not isinstance(meta, dict):
                 raise ValueError("meta is not a JSON object")
@@ -685,6 +694,105 @@ class Store:
             raise StoreError(f"{path} is damaged or truncated ({type(exc).__name__})") from None
         return arrays, meta
 
+
+
+def read_npz(path: Path, only: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file (all of them, or only the one named `only`), as `np.load`
+    with allow_pickle=False reads them (tested for equality).
+
+    Scoring reads a few hundred to a few thousand small outputs.npz files; `np.load` spends
+    ~1.5 ms on each, mostly in Python (zipfile's directory parsing, the .npy header parsed with
+    `ast`). The files `np.savez` writes are uncompressed zip archives of .npy members with a
+    fixed header layout, and those are read here directly: the zip directory and each member's
+    local header are checked field by field, each member's CRC-32 is verified, and each .npy
+    header must match numpy's own layout exactly, with a size that fits the member. Anything
+    else (compressed members, zip64, another header layout, object arrays, a truncated or
+    damaged file) goes to `np.load`, which reads it or raises as before.
+
+    Raises OSError, ValueError, KeyError, EOFError or zipfile.BadZipFile for a damaged file.
+    """
+    data = path.read_bytes()
+    arrays = _read_stored_npz(data, only)
+    if arrays is None:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            names = npz.files if only is None else [only]
+            arrays = {k: npz[k] for k in names}
+    return arrays
+
+
+_NPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': False, 'shape': \(((?:\d+, )*\d*,?)\), \}"
+    r" *\n"
+)
+
+
+def _read_stored_npz(data: bytes, only: str | None) -> dict[str, np.ndarray] | None:
+    """`read_npz` for the plain layout `np.savez` writes; None for anything else."""
+    eocd = len(data) - 22  # end of central directory record, no archive comment
+    if eocd < 0 or data[eocd : eocd + 4] != b"PK\x05\x06":
+        return None
+    disk, cd_disk, entries_here, entries, cd_size, cd_offset, comment = struct.unpack_from(
+        "<HHHHIIH", data, eocd + 4
+    )
+    if disk or cd_disk or entries_here != entries or comment or cd_offset + cd_size != eocd:
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    at = cd_offset
+    for _ in range(entries):
+        if data[at : at + 4] != b"PK\x01\x02":
+            return None
+        (flags, method, crc, packed, size, name_len, extra_len, note_len, local) = (
+            struct.unpack_from("<8xHH4xIIIHHH8xI", data, at)
+        )
+        name = data[at + 46 : at + 46 + name_len].decode("utf-8", "replace")
+        at += 46 + name_len + extra_len + note_len
+        if method != 0 or flags & 0x1 or packed != size or not name.endswith(".npy"):
+            return None  # compressed, encrypted, or not an array: np.load decides
+        if size == 0xFFFFFFFF or local == 0xFFFFFFFF:
+            return None  # zip64
+        key = name[:-4]
+        if only is not None and key != only:
+            continue
+        if data[local : local + 4] != b"PK\x03\x04":
+            return None
+        local_method, local_name_len, local_extra_len = struct.unpack_from(
+            "<4xH16xHH", data, local + 4
+        )
+        start = local + 30 + local_name_len + local_extra_len
+        member = data[start : start + size]
+        if local_method != 0 or len(member) != size or zlib.crc32(member) != crc:
+            return None
+        array = _read_stored_npy(member)
+        if array is None:
+            return None
+        arrays[key] = array
+    if at != eocd or (only is not None and only not in arrays):
+        return None
+    return arrays
+
+
+def _read_stored_npy(member: bytes) -> np.ndarray | None:
+    """One .npy member in numpy's format 1.0 layout, C order; None for anything else."""
+    if member[:8] != b"\x93NUMPY\x01\x00" or len(member) < 10:
+        return None
+    (header_len,) = struct.unpack_from("<H", member, 8)
+    header = member[10 : 10 + header_len].decode("latin1")
+    match = _NPY_HEADER.fullmatch(header)
+    if match is None:
+        return None
+    try:
+        dtype = np.dtype(match.group(1))
+    except TypeError:
+        return None
+    if dtype.hasobject or dtype.itemsize == 0:
+        return None
+    shape = tuple(int(d) for d in match.group(2).replace(",", " ").split())
+    count = math.prod(shape)
+    offset = 10 + header_len
+    if len(member) - offset != count * dtype.itemsize:
+        return None
+    # A writable copy of the member's data (callers may change their arrays).
+    return np.frombuffer(member, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
 
 
 def describe_model(kind: str, seed: int | None = None, method: str | None = None) -> str:
