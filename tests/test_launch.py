@@ -221,22 +221,28 @@ def test_shared_inputs_with_many_tensors_reach_forked_workers(tmp_path, monkeypa
     assert results == [3.0 * sum(range(400))] * 2
 
 
-def test_a_refused_command_leaves_no_fork_server_behind(trained_store):
+def test_a_refused_command_leaves_no_fork_server_behind(trained_store, tmp_path):
     """apply starts the fork server before its slower checks; refused by one of them, the command
     must not leave that server importing torch after it exits (its own session is empty)."""
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-m", "unlearn_cli", "apply", "--method",
-                             "retrain", "--store", str(trained_store), "--workers", "2", "--set",
-                             "train.epochs=5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "different config" in output, output
-    deadline = time.monotonic() + 10
-    while True:  # the session's processes: none once the command is gone (bounded wait)
-        out = subprocess.run(["ps", "-eo", "sid=,pid="], capture_output=True, text=True,
-                             timeout=30).stdout.split()
-        left = [pid for sid, pid in zip(out[::2], out[1::2]) if sid == str(proc.pid)]
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:  # a file, not a pipe: a pipe's reader would wait for the server
+        proc = subprocess.Popen([sys.executable, "-m", "unlearn_cli", "apply", "--method",
+                                 "retrain", "--store", str(trained_store), "--workers", "2",
+                                 "--set", "train.epochs=5"], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        proc.wait(timeout=120)
+    assert proc.returncode == 1 and "different config" in log.read_text(), log.read_text()
+    # The session's processes: none soon after the command is gone. An orphaned server would
+    # still be importing torch for seconds; reaping a killed one takes milliseconds.
+    deadline = time.monotonic() + 1.0
+    while True:
+        out = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,args="], capture_output=True,
+                             text=True, timeout=30).stdout.splitlines()
+        rows = [line.split(None, 3) for line in out]
+        # Zombies (stat Z) have exited: only the reaper is left to notice.
+        left = [row[1:] for row in rows if row[0] == str(proc.pid) and not row[2].startswith("Z")]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.1)
