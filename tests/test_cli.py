@@ -272,3 +272,26 @@ def test_a_broken_config_file_is_one_line_with_its_position(tmp_path):
     result, out = invoke("train-refs", "--config", path, "--store", tmp_path / "s")
     assert result.exit_code == 1 and len(out.strip().splitlines()) == 1, out
     assert "is not valid YAML at line 3, column 1" in error_line(out)
+
+
+def test_commands_that_import_torch_exit_fast_with_their_code_and_whole_output(trained_store,
+                                                                              tmp_path):
+    """cli._exit skips Python's teardown once torch is loaded: the exit code and every line of
+    output (stdout a pipe, so buffered) must come through as before."""
+    import shutil
+    import subprocess
+    import sys
+
+    store = tmp_path / "s"
+    shutil.copytree(trained_store, store)
+    plugin = tmp_path / "bad.py"
+    plugin.write_text("def m(model, data, params, *, device, seed):\n    raise ValueError('no')\n")
+    ok = subprocess.run([sys.executable, "-m", "unlearn_cli", "apply", "--method", "none",
+                         "--num-models", "8", "--store", str(store)],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.rstrip().endswith("2 run(s) of none done, 6 reused"), ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "unlearn_cli", "apply", "--method", f"{plugin}:m",
+                          "--num-models", "2", "--store", str(store)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "ValueError: no" in bad.stderr + bad.stdout
