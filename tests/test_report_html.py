@@ -417,3 +417,20 @@ def test_score_fraction_labels():
     assert [_fraction(h) for h in (1.0, 0.5, 2.0 ** -9, 0.0, 0.3)] == [
         "1", "1/2", "1/512", "0", "0.3"]
 
+
+def test_drawing_jobs_are_shared_once_each_and_balanced():
+    from unlearn_cli.report_html import _batches
+
+    methods = [f"m{i}" for i in range(12)]
+    jobs = [("forget_quality", None), ("forgetting_vs_utility", None)] + [
+        (kind, m) for kind in ("epsilon_histogram", "top_examples") for m in methods]
+    for count in (1, 2, 3):
+        batches = _batches(jobs, count)
+        assert sorted(j for b in batches for j in b) == sorted(jobs)
+        assert len(batches) == min(count, len(jobs))
+    a, b = _batches(jobs, 2)
+    # Figure 3 (the costliest kind) in one process, the rest in the other.
+    assert {j[0] for j in a} == {"top_examples"} or {j[0] for j in b} == {"top_examples"}
+    # Sixty methods: figure 3 alone outweighs the rest, so it is split.
+    many = [("top_examples", f"m{i}") for i in range(60)] + [("forget_quality", None)]
+    assert all(any(j[0] == "top_examples" for j in b) for b in _batches(many, 2))

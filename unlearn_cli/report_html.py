@@ -16,6 +16,7 @@ out, before the JSON is written), then `render_figures` once and `write_html` / 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import html
@@ -237,48 +238,97 @@ def _draw(pages: Pages, figure: str, method: str | None, formats: Sequence[str])
     return Rendered(figure, method, {f: rf.render(fig, f) for f in formats}, alt)
 
 
-_FORKED: tuple[Pages, tuple[str, ...]] | None = None  # what forked workers draw from
+# --- drawing processes ----------------------------------------------------------------------------
+_HELPERS: Any = None  # a multiprocessing Pool started by `start_drawing`, or None
+_HELPER_COUNT = 0  # its processes
+# Estimated CPU seconds of each figure kind (measured at N = 100 on digits, 2-core machine):
+# (first one, each further one); the first builds the layout a `_Refill` then reuses.
+_COST = {"forget_quality": (0.25, 0.25), "forgetting_vs_utility": (0.25, 0.25),
+         "seed_metrics": (0.2, 0.2), "epsilon_histogram": (0.1, 0.03),
+         "top_examples": (0.3, 0.08)}
+DRAW_TIMEOUT = 600  # seconds: a drawing process that takes longer is stuck
 
 
-def _draw_batch(jobs: list[tuple[str, str | None]]) -> list[Rendered]:
-    pages, formats = _FORKED
+def start_drawing(workers: int | None = None) -> None:
+    """Start the processes that will draw the figures, before scoring (`unlearn score --html`).
+
+    Each imports matplotlib (about a second) and draws a first small figure (fonts, caches)
+    while this process scores, on a core that scoring leaves mostly idle; `render_figures` then
+    hands them the figures. This process never imports matplotlib. Forked (Linux); elsewhere
+    nothing is started and `render_figures` draws here.
+    workers: processes (default: one per core, at most 2: two groups of figures are about
+    balanced, see `_batches`).
+    """
+    global _HELPERS, _HELPER_COUNT
+    import multiprocessing
+
+    if _HELPERS is not None or "fork" not in multiprocessing.get_all_start_methods():
+        return
+    if workers is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else (os.cpu_count() or 1))
+        workers = min(cores, 2)
+    _HELPER_COUNT = max(1, workers)
+    _HELPERS = multiprocessing.get_context("fork").Pool(_HELPER_COUNT, initializer=_warm_up)
+    atexit.register(stop_drawing)
+
+
+def stop_drawing() -> None:
+    """End the drawing processes (idle by then); a later `start_drawing` starts new ones."""
+    global _HELPERS
+    if _HELPERS is not None:
+        _HELPERS.terminate()
+        _HELPERS.join()
+        _HELPERS = None
+
+
+def _warm_up() -> None:
+    from . import report_figures
+
+    report_figures.warm_up()
+
+
+def _batches(jobs: list[tuple[str, str | None]], count: int) -> list[list[tuple[str, str | None]]]:
+    """Share the jobs among `count` processes by estimated cost (longest first, each to the least
+    loaded), keeping each per-method kind in one piece unless it alone outweighs a fair share:
+    a process that draws a kind's first figure builds its layout, the others are refills."""
+    kinds: dict[str, list[tuple[str, str | None]]] = {}
+    for job in jobs:
+        kinds.setdefault(job[0], []).append(job)
+
+    def cost(piece: list[tuple[str, str | None]]) -> float:
+        first, more = _COST.get(piece[0][0], (0.3, 0.3))
+        return first + more * (len(piece) - 1)
+
+    total = sum(cost(piece) for piece in kinds.values())
+    pieces = []
+    for piece in kinds.values():
+        parts = min(count, max(1, round(cost(piece) / (total / count))))
+        size = -(-len(piece) // parts)
+        pieces += [piece[i:i + size] for i in range(0, len(piece), size)]
+    loads = [[0.0, []] for _ in range(count)]
+    for piece in sorted(pieces, key=cost, reverse=True):
+        least = min(loads, key=lambda load: load[0])
+        least[0] += cost(piece)
+        least[1].extend(piece)
+    return [batch for _, batch in loads if batch]
+
+
+def _draw_batch(pages: Pages, formats: tuple[str, ...], jobs: list[tuple[str, str | None]]
+                ) -> list[Rendered]:
     return [_draw(pages, figure, method, formats) for figure, method in jobs]
 
 
-def render_figures(pages: Pages, formats: Sequence[str] = ("png",),
-                   workers: int | None = None) -> list[Rendered]:
-    """Draw every figure the reports allow, each once, in each format ("png", "svg").
-
-    workers: processes that draw at once (default: one per core, at most 4). matplotlib draws
-    in Python on one core, so with many methods the per-method figures are shared out among
-    forked copies of this process (Linux; the data are inherited, not copied); elsewhere, or for
-    a handful of figures, they are drawn here one after another.
-    """
-    global _FORKED
-    import multiprocessing
-
-    from . import report_figures  # noqa: F401  import matplotlib once, before any fork
-
+def render_figures(pages: Pages, formats: Sequence[str] = ("png",)) -> list[Rendered]:
+    """Draw every figure the reports allow, each once, in each format ("png", "svg"), in page
+    order: in the processes `start_drawing` started, else here one after another."""
     jobs = figure_jobs(pages)
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1), 4)
-    per_method = [j for j in jobs if j[1] is not None]
-    if workers < 2 or len(per_method) < 6 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_draw(pages, figure, method, formats) for figure, method in jobs]
-    # Contiguous batches, so that each worker reuses its top-k figure layout from one method to
-    # the next; the parent draws the figures of all methods meanwhile.
-    batches = [per_method[i::workers] for i in range(workers)]
-    batches = [sorted(b, key=lambda j: j[0]) for b in batches if b]
-    _FORKED = (pages, tuple(formats))
-    try:
-        with multiprocessing.get_context("fork").Pool(len(batches)) as pool:
-            pending = pool.map_async(_draw_batch, batches)
-            shared = [_draw(pages, f, m, formats) for f, m in jobs if m is None]
-            drawn = {(r.figure, r.method): r for batch in pending.get(timeout=600) for r in batch}
-    finally:
-        _FORKED = None
-    return shared + [drawn[job] for job in per_method]
+    if _HELPERS is None or not jobs:
+        return _draw_batch(pages, tuple(formats), jobs)
+    pending = [_HELPERS.apply_async(_draw_batch, (pages, tuple(formats), batch))
+               for batch in _batches(jobs, _HELPER_COUNT)]
+    drawn = {(r.figure, r.method): r for p in pending for r in p.get(timeout=DRAW_TIMEOUT)}
+    return [drawn[job] for job in jobs]
 
 
 def plot_name(rendered: Rendered, fmt: str, taken: set[str]) -> str:
@@ -549,7 +599,10 @@ def write_html(pages: Pages, rendered: Sequence[Rendered], path: str | Path) -> 
 
 def write_all(pages: Pages, *, html: Path | None, plots: Path | None, console: Any) -> None:
     """Render the figures once and write the page and/or the plot files (`unlearn score`)."""
-    rendered = render_figures(pages, ("png", "svg") if plots is not None else ("png",))
+    try:
+        rendered = render_figures(pages, ("png", "svg") if plots is not None else ("png",))
+    finally:
+        stop_drawing()
     if html is not None:
         write_html(pages, rendered, html)
         console.print(f"HTML report written to {html} (open it in a browser; it works offline)")
