@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import TICKDOWN, TICKLEFT, Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from matplotlib.transforms import offset_copy
+from matplotlib.transforms import blended_transform_factory, offset_copy
 
 RETRAINED, UNLEARNED, CEILING, ALARM = "#4477AA", "#EE6677", "#BBBBBB", "#CC3311"
 PNG_DPI = 110  # 8.5 in wide figures -> ~940 px: sharp on a laptop, fine on paper
@@ -370,12 +370,12 @@ class _TopPanels:
     def __init__(self, k: int, with_images: bool):
         cols = min(TOP_COLUMNS, max(k, 1))
         rows = max(1, math.ceil(k / cols))
-        self.fig = fig = Figure(figsize=(8.5, 0.9 + 2.05 * rows), dpi=PNG_DPI)
+        self.fig = fig = Figure(figsize=(8.5, 1.0 + 2.05 * rows), dpi=PNG_DPI)
         span = 2 if with_images else 1
         ratios = [1, 2.6] * cols if with_images else [1] * cols
         grid = fig.add_gridspec(rows, len(ratios), width_ratios=ratios, left=0.02, right=0.985,
                                 bottom=0.55 / fig.get_figheight(),
-                                top=1 - 0.85 / fig.get_figheight(),
+                                top=1 - 0.95 / fig.get_figheight(),
                                 wspace=0.12 if with_images else 0.25, hspace=1.15)
         self.panels = []
         zeros, unit = np.zeros(HIST_BINS), np.linspace(0, 1, HIST_BINS + 1)
@@ -399,16 +399,24 @@ class _TopPanels:
             ax.set_yticks([])
             ax.spines["left"].set_visible(False)
             panel["ticks"] = _Ticks(ax, "x", 4)  # ticks change with every example
-            # The example's heading, where a left-aligned title with pad=3 sits.
+            # The example's heading, 3 points above the histogram, from the left of its image
+            # (the last column's would not fit from the histogram's left).
+            left = panel["image_axes"].transAxes if with_images else ax.transAxes
             panel["heading"] = ax.text(0, 1, "", fontsize=6.5, ha="left", va="bottom",
-                                       transform=offset_copy(ax.transAxes, fig, y=3,
-                                                             units="points"))
+                                       transform=offset_copy(
+                                           blended_transform_factory(left, ax.transAxes), fig,
+                                           y=3, units="points"))
             self.panels.append(panel)
         if k:
             handles, labels = self.panels[0]["axes"].get_legend_handles_labels()
             fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=7.5,
                        bbox_to_anchor=(0.5, 0.0))
-        self.title = fig.suptitle("", x=0.02, ha="left", fontsize=9)
+        # The method's name changes; what the figure shows does not: drawn once (`_Refill`).
+        self.title = fig.text(0.02, 1, "", fontsize=9, fontweight="bold", ha="left", va="top",
+                              transform=offset_copy(fig.transFigure, fig, y=-5, units="points"))
+        fig.text(0.02, 1, f"the {k} forget examples an attacker singles out best (x: logit-scaled "
+                 "confidence c; grey: what the best rule flags)", fontsize=8, ha="left", va="top",
+                 transform=offset_copy(fig.transFigure, fig, y=-18, units="points"))
         # Each method's images are new artists: `fill` swaps them in.
         changing = [self.title]
         for panel in self.panels:
@@ -467,9 +475,7 @@ class _TopPanels:
                     self.refill.swap(old, panel["image"])
                 elif old is not None:
                     old.set_visible(False)
-        self.title.set_text(f"{report['method']}: the {len(examples)} forget examples an "
-                            "attacker singles out best (x: logit-scaled confidence c; grey: what "
-                            "the best rule flags)")
+        self.title.set_text(report["method"])
         return self.fig
 
 
