@@ -241,11 +241,12 @@ def _draw(pages: Pages, figure: str, method: str | None, formats: Sequence[str])
 # --- drawing processes ----------------------------------------------------------------------------
 _HELPERS: Any = None  # a multiprocessing Pool started by `start_drawing`, or None
 _HELPER_COUNT = 0  # its processes
-# Estimated CPU seconds of each figure kind (measured at N = 100 on digits, 2-core machine):
-# (first one, each further one); the first builds the layout a `_Refill` then reuses.
-_COST = {"forget_quality": (0.25, 0.25), "forgetting_vs_utility": (0.25, 0.25),
-         "seed_metrics": (0.2, 0.2), "epsilon_histogram": (0.1, 0.03),
-         "top_examples": (0.3, 0.08)}
+# CPU seconds of each figure kind, (first one, each further one): the first builds the layout
+# that a `_Refill` then reuses. Measured at N = 100 on digits (12 methods, 2-core machine under
+# load); only their ratios matter here.
+_COST = {"forget_quality": (0.45, 0.45), "forgetting_vs_utility": (0.45, 0.45),
+         "seed_metrics": (0.35, 0.35), "epsilon_histogram": (0.12, 0.04),
+         "top_examples": (0.45, 0.2)}
 DRAW_TIMEOUT = 600  # seconds: a drawing process that takes longer is stuck
 
 
@@ -289,29 +290,32 @@ def _warm_up() -> None:
 
 
 def _batches(jobs: list[tuple[str, str | None]], count: int) -> list[list[tuple[str, str | None]]]:
-    """Share the jobs among `count` processes by estimated cost (longest first, each to the least
-    loaded), keeping each per-method kind in one piece unless it alone outweighs a fair share:
-    a process that draws a kind's first figure builds its layout, the others are refills."""
+    """Share the jobs among `count` processes by estimated cost (`_COST`): longest piece first,
+    each to the least loaded process. A per-method kind is one piece or is cut into up to
+    `count` pieces, whichever finishes soonest: a cut costs a second layout."""
     kinds: dict[str, list[tuple[str, str | None]]] = {}
     for job in jobs:
         kinds.setdefault(job[0], []).append(job)
 
     def cost(piece: list[tuple[str, str | None]]) -> float:
-        first, more = _COST.get(piece[0][0], (0.3, 0.3))
+        first, more = _COST.get(piece[0][0], (0.45, 0.45))
         return first + more * (len(piece) - 1)
 
-    total = sum(cost(piece) for piece in kinds.values())
-    pieces = []
+    def share(cuts: Sequence[int]) -> tuple[float, list[list[tuple[str, str | None]]]]:
+        pieces = []
+        for piece, parts in zip(kinds.values(), cuts):
+            size = -(-len(piece) // parts)
+            pieces += [piece[i:i + size] for i in range(0, len(piece), size)]
+        loads: list[tuple[float, list]] = [(0.0, []) for _ in range(count)]
+        for piece in sorted(pieces, key=cost, reverse=True):
+            at = min(range(count), key=lambda i: loads[i][0])
+            loads[at] = (loads[at][0] + cost(piece), loads[at][1] + piece)
+        return max(load for load, _ in loads), [batch for _, batch in loads if batch]
+
+    options = [[]]
     for piece in kinds.values():
-        parts = min(count, max(1, round(cost(piece) / (total / count))))
-        size = -(-len(piece) // parts)
-        pieces += [piece[i:i + size] for i in range(0, len(piece), size)]
-    loads = [[0.0, []] for _ in range(count)]
-    for piece in sorted(pieces, key=cost, reverse=True):
-        least = min(loads, key=lambda load: load[0])
-        least[0] += cost(piece)
-        least[1].extend(piece)
-    return [batch for _, batch in loads if batch]
+        options = [[*o, parts] for o in options for parts in range(1, min(count, len(piece)) + 1)]
+    return min((share(cuts) for cuts in options), key=lambda option: option[0])[1]
 
 
 def _draw_batch(pages: Pages, formats: tuple[str, ...], jobs: list[tuple[str, str | None]]
