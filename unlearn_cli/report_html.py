@@ -9,9 +9,11 @@ config and the versions. Every number in its tables is a `<span class="num">` th
 key it shows (`data-key`) and the value as `report.json` holds it (`data-value`), so a test (or a
 reader) can check the page against the JSON.
 
-Flow (`cli.py`): `check_options` before scoring (a bad path fails fast), `score.run(...,
-keep_confidences=True)`, `prepare` (adds `top_examples` to each report and takes the confidences
-out, before the JSON is written), then `render_figures` once and `write_html` / `write_plots`.
+Flow (`cli.py`): `check_options` before scoring (a bad path fails fast), `start_drawing` (processes
+that import matplotlib while the scores are computed), `score.run(..., keep_confidences=True)`,
+`prepare` (adds `top_examples` to each report and takes the confidences out, before the JSON is
+written), then `write_all`: `render_figures` once (in those processes), `write_html` /
+`write_plots`, and the processes end.
 """
 
 from __future__ import annotations
