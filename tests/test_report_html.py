@@ -355,7 +355,8 @@ def test_images_of_the_forget_examples():
 
 
 # --- the figures' fast paths ---------------------------------------------------------------------
-def _drawn_report(method: str, seed: int, num_models: int = 20, k: int = 4):
+def _drawn_report(method: str, seed: int, num_models: int = 20, k: int = 4,
+                  image_shape: tuple[int, ...] = (8, 8)):
     """A report and its top examples as `report_html.prepare` gives them, drawn at random."""
     rng = np.random.default_rng(seed)
     eps = np.concatenate([rng.uniform(0, 3, 30), [3.2, 50.0]])
@@ -370,7 +371,8 @@ def _drawn_report(method: str, seed: int, num_models: int = 20, k: int = 4):
     examples = [{"index": int(rng.integers(0, 1797)), "label": i, "epsilon": float(eps[i]),
                  "score": 2.0 ** -i, "rule": rules[(i + seed) % 3],
                  "unlearned": rng.normal(seed, 1 + i, num_models),
-                 "retrained": rng.normal(0, 1, num_models), "image": rng.uniform(0, 1, (8, 8))}
+                 "retrained": rng.normal(0, 1, num_models),
+                 "image": rng.uniform(0, 1, image_shape)}
                 for i in range(k)]
     return rep, examples
 
@@ -390,9 +392,12 @@ def test_refilled_figures_equal_a_full_draw():
 
     from unlearn_cli import report_figures as rf
 
+    rf.warm_up(4)  # what a drawing process does first: this layout, with 8x8 images
     drawn = []
-    for seed, method in enumerate(["a", "b", "a"]):
-        rep, examples = _drawn_report(method, seed)
+    # The last: colour images of another shape (new images, which reshape their axes).
+    for seed, (method, shape) in enumerate([("a", (8, 8)), ("b", (8, 8)), ("a", (8, 8)),
+                                            ("c", (6, 9, 3))]):
+        rep, examples = _drawn_report(method, seed, image_shape=shape)
         for fig in (rf.epsilon_histogram(rep), rf.top_examples(rep, examples)):
             fast, full = _pixels(rf.render(fig, "png")), _pixels(rf.full_png(fig))
             assert fast.shape == full.shape
@@ -437,3 +442,25 @@ def test_drawing_jobs_are_shared_once_each_and_balanced():
     few = [j for j in jobs if j[1] in (None, "m0", "m1")]
     assert all(sum(any(j[0] == kind for j in b) for b in _batches(few, 2)) == 1
                for kind in ("epsilon_histogram", "top_examples"))
+
+
+def test_a_drawing_process_start_never_raises(monkeypatch):
+    """A Pool starts a new process whenever one's initializer raises, forever: the warm-up
+    swallows its errors (the first figure reports them)."""
+    from unlearn_cli import report_figures, report_html
+
+    def broken(top_k):
+        raise ImportError("no matplotlib here")
+
+    monkeypatch.setattr(report_figures, "warm_up", broken)
+    assert report_html._warm_up(8) is None
+
+
+@pytest.mark.slow
+def test_drawing_processes_end_with_the_command(html_run):
+    import multiprocessing
+
+    from unlearn_cli import report_html
+
+    assert report_html._HELPERS is None
+    assert not [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]

@@ -88,7 +88,8 @@ class _Refill:
 
     def swap(self, old: Any | None, new: Any | None) -> None:
         """`new` (an artist made for this method, e.g. an image) replaces `old` among the
-        changing artists."""
+        changing artists. The background is drawn again: a new image can reshape its axes."""
+        self.background = None
         if old is not None:
             self.changing.remove(old)
         if new is not None:
@@ -186,14 +187,24 @@ def render(fig: Figure, fmt: str) -> bytes:
 
 
 @_styled
-def warm_up() -> None:
-    """Load what a first figure loads (the font, the Agg renderer, the PNG writer), so that a
-    drawing process started before scoring has it ready (`report_html.start_drawing`)."""
+def warm_up(top_k: int = 0) -> None:
+    """Load what a first figure loads (the font, the Agg renderer, the PNG writer), and with
+    top_k > 0 build figure 3's layout for k examples with 8x8 images and draw its background,
+    so that a drawing process started before scoring has them ready
+    (`report_html.start_drawing`). A guess that does not fit (no images, another image shape)
+    costs a layout or a background later, as without it."""
     fig = Figure(figsize=(1.5, 1), dpi=PNG_DPI)
     ax = fig.add_subplot()
     ax.set_title("ε ≥ 0.5 → U", fontsize=7)
     ax.text(0.5, 0.5, "1/2", fontsize=7)
     render(fig, "png")
+    if top_k > 0:
+        none = {"kind": "none", "thresholds": [], "flags": "", "epsilon": 0.0,
+                "true_positive_rate": math.nan, "false_positive_rate": math.nan}
+        examples = [{"index": 0, "label": 0, "epsilon": 0.0, "score": 1.0, "rule": none,
+                     "unlearned": np.zeros(2), "retrained": np.ones(2),
+                     "image": np.zeros((8, 8))} for _ in range(top_k)]
+        render(top_examples({"method": ""}, examples), "png")
 
 
 @_styled

@@ -252,13 +252,13 @@ _COST = {"forget_quality": (0.45, 0.45), "forgetting_vs_utility": (0.45, 0.45),
 DRAW_TIMEOUT = 600  # seconds: a drawing process that takes longer is stuck
 
 
-def start_drawing(workers: int | None = None) -> None:
+def start_drawing(top_k: int = DEFAULT_TOP_K, workers: int | None = None) -> None:
     """Start the processes that will draw the figures, before scoring (`unlearn score --html`).
 
-    Each imports matplotlib (about a second) and draws a first small figure (fonts, caches)
-    while this process scores, on a core that scoring leaves mostly idle; `render_figures` then
-    hands them the figures. This process never imports matplotlib. Forked (Linux); elsewhere
-    nothing is started and `render_figures` draws here.
+    Each imports matplotlib (about a second) and builds figure 3's layout for `top_k` examples
+    (`report_figures.warm_up`) while this process scores, on a core that scoring leaves mostly
+    idle; `render_figures` then hands them the figures. This process never imports matplotlib.
+    Forked (Linux); elsewhere nothing is started and `render_figures` draws here.
     workers: processes (default: one per core, at most 2: two groups of figures are about
     balanced, see `_batches`).
     """
@@ -272,7 +272,8 @@ def start_drawing(workers: int | None = None) -> None:
                  else (os.cpu_count() or 1))
         workers = min(cores, 2)
     _HELPER_COUNT = max(1, workers)
-    _HELPERS = multiprocessing.get_context("fork").Pool(_HELPER_COUNT, initializer=_warm_up)
+    _HELPERS = multiprocessing.get_context("fork").Pool(_HELPER_COUNT, initializer=_warm_up,
+                                                        initargs=(top_k,))
     atexit.register(stop_drawing)
 
 
@@ -285,10 +286,16 @@ def stop_drawing() -> None:
         _HELPERS = None
 
 
-def _warm_up() -> None:
-    from . import report_figures
+def _warm_up(top_k: int) -> None:
+    """A drawing process's start. It must not raise: a Pool replaces a process whose initializer
+    fails, again and again. Any problem (matplotlib missing) shows when the first figure is
+    drawn, and reaches `render_figures` as that job's error."""
+    try:
+        from . import report_figures
 
-    report_figures.warm_up()
+        report_figures.warm_up(top_k)
+    except Exception:  # noqa: BLE001 - reported by the first drawing job instead
+        pass
 
 
 def _batches(jobs: list[tuple[str, str | None]], count: int) -> list[list[tuple[str, str | None]]]:
