@@ -438,10 +438,6 @@ def test_drawing_jobs_are_shared_once_each_and_balanced():
     batches = _batches(jobs, 2)
     assert all(any(j[0] == "top_examples" for j in b) for b in batches)
     assert all(sum(j[1] is None for j in b) == 1 for b in batches)  # one shared figure each
-    # Two methods: nothing is worth cutting.
-    few = [j for j in jobs if j[1] in (None, "m0", "m1")]
-    assert all(sum(any(j[0] == kind for j in b) for b in _batches(few, 2)) == 1
-               for kind in ("epsilon_histogram", "top_examples"))
 
 
 def test_a_drawing_process_start_never_raises(monkeypatch):
