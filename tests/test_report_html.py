@@ -441,8 +441,7 @@ def test_drawing_jobs_are_shared_once_each_and_balanced():
 
 
 def test_a_drawing_process_start_never_raises(monkeypatch):
-    """A Pool starts a new process whenever one's initializer raises, forever: the warm-up
-    swallows its errors (the first figure reports them)."""
+    """The drawing host's warm-up swallows its errors: the first figure reports them."""
     from unlearn_cli import report_figures, report_html
 
     def broken(top_k):
@@ -459,4 +458,22 @@ def test_drawing_processes_end_with_the_command(html_run):
     from unlearn_cli import report_html
 
     assert report_html._HELPERS is None
-    assert not [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+    assert not [p for p in multiprocessing.active_children() if p.name == "unlearn-figures"]
+
+
+def test_a_figure_that_fails_in_a_drawing_process_raises_here():
+    """An error while drawing reaches the caller (no hang), and the processes end."""
+    import multiprocessing
+
+    from unlearn_cli import report_html
+
+    report_html.start_drawing(top_k=0, workers=1)
+    try:
+        assert report_html._HELPERS is not None
+        bad = report_html.Pages(doc={}, reports=[{"method": "x", "runtime": {}}], examples={},
+                                image_note="")
+        with pytest.raises(KeyError):
+            report_html.render_figures(bad)
+    finally:
+        report_html.stop_drawing()
+    assert not [p for p in multiprocessing.active_children() if p.name == "unlearn-figures"]

@@ -241,8 +241,8 @@ def _draw(pages: Pages, figure: str, method: str | None, formats: Sequence[str])
 
 
 # --- drawing processes ----------------------------------------------------------------------------
-_HELPERS: Any = None  # a multiprocessing Pool started by `start_drawing`, or None
-_HELPER_COUNT = 0  # its processes
+_HELPERS: Any = None  # (the drawing host process, the parent's end of its pipe), or None
+_HELPER_COUNT = 0  # drawing processes under the host
 # CPU seconds of each figure kind, (first one, each further one): the first builds the layout
 # that a `_Refill` then reuses (figure 3's is built by `start_drawing` beforehand). Measured at
 # N = 100 on digits (12 methods, 2-core machine under load); only their ratios matter here.
@@ -255,12 +255,14 @@ DRAW_TIMEOUT = 600  # seconds: a drawing process that takes longer is stuck
 def start_drawing(top_k: int = DEFAULT_TOP_K, workers: int | None = None) -> None:
     """Start the processes that will draw the figures, before scoring (`unlearn score --html`).
 
-    Each imports matplotlib (about a second) and builds figure 3's layout for `top_k` examples
-    (`report_figures.warm_up`) while this process scores, on a core that scoring leaves mostly
-    idle; `render_figures` then hands them the figures. This process never imports matplotlib.
-    Forked (Linux); elsewhere nothing is started and `render_figures` draws here.
-    workers: processes (default: one per core, at most 2: two groups of figures are about
-    balanced, see `_batches`).
+    One host process imports matplotlib (about a second) and builds figure 3's layout for
+    `top_k` examples (`report_figures.warm_up`) while this process scores, on a core that
+    scoring leaves mostly idle; it then forks `workers` drawing processes, which inherit all of
+    that (one import, one layout, however many draw), and `render_figures` hands them the
+    figures through it. This process never imports matplotlib. Forked (Linux); elsewhere nothing
+    is started and `render_figures` draws here.
+    workers: drawing processes (default: one per core, at most 2, the machine this was measured
+    on; see `_batches` for how they share the figures).
     """
     global _HELPERS, _HELPER_COUNT
     import multiprocessing
@@ -272,24 +274,68 @@ def start_drawing(top_k: int = DEFAULT_TOP_K, workers: int | None = None) -> Non
                  else (os.cpu_count() or 1))
         workers = min(cores, 2)
     _HELPER_COUNT = max(1, workers)
-    _HELPERS = multiprocessing.get_context("fork").Pool(_HELPER_COUNT, initializer=_warm_up,
-                                                        initargs=(top_k,))
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    # Not a daemon: a daemon may not start the drawing processes. `stop_drawing` ends it, at
+    # the latest when this process exits (atexit).
+    host = context.Process(target=_host, args=(theirs, top_k, _HELPER_COUNT),
+                           name="unlearn-figures", daemon=False)
+    host.start()
+    theirs.close()
+    _HELPERS = (host, ours)
+    atexit.unregister(stop_drawing)  # once, however often a process starts them
     atexit.register(stop_drawing)
 
 
 def stop_drawing() -> None:
     """End the drawing processes (idle by then); a later `start_drawing` starts new ones."""
     global _HELPERS
-    if _HELPERS is not None:
-        _HELPERS.terminate()
-        _HELPERS.join()
-        _HELPERS = None
+    if _HELPERS is None:
+        return
+    host, conn = _HELPERS
+    _HELPERS = None
+    try:
+        conn.send(None)  # the host ends its drawing processes, then itself
+    except OSError:  # it is gone already
+        pass
+    host.join(timeout=10)
+    if host.is_alive():  # pragma: no cover - a host stuck past its drawing
+        host.terminate()  # its drawing processes end when their pipe closes
+        host.join(timeout=10)
+    conn.close()
+
+
+def _host(conn: Any, top_k: int, workers: int) -> None:
+    """The drawing host (`start_drawing`): warm up, fork the drawing processes, then for each
+    request (pages, formats, batches) from the pipe send back the drawn batches or the error."""
+    import multiprocessing
+
+    _warm_up(top_k)
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if request is None:
+                return
+            pages, formats, batches = request
+            try:
+                pending = [pool.apply_async(_draw_batch, (pages, formats, batch))
+                           for batch in batches]
+                reply: Any = [p.get(timeout=DRAW_TIMEOUT) for p in pending]
+            except Exception as exc:  # noqa: BLE001 - raised again in the parent
+                reply = exc
+            conn.send(reply)
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _warm_up(top_k: int) -> None:
-    """A drawing process's start. It must not raise: a Pool replaces a process whose initializer
-    fails, again and again. Any problem (matplotlib missing) shows when the first figure is
-    drawn, and reaches `render_figures` as that job's error."""
+    """The drawing host's start. A problem (matplotlib missing) must not end it here: it shows
+    when the first figure is drawn, and reaches `render_figures` as that job's error."""
     try:
         from . import report_figures
 
@@ -338,9 +384,14 @@ def render_figures(pages: Pages, formats: Sequence[str] = ("png",)) -> list[Rend
     jobs = figure_jobs(pages)
     if _HELPERS is None or not jobs:
         return _draw_batch(pages, tuple(formats), jobs)
-    pending = [_HELPERS.apply_async(_draw_batch, (pages, tuple(formats), batch))
-               for batch in _batches(jobs, _HELPER_COUNT)]
-    drawn = {(r.figure, r.method): r for p in pending for r in p.get(timeout=DRAW_TIMEOUT)}
+    host, conn = _HELPERS
+    conn.send((pages, tuple(formats), _batches(jobs, _HELPER_COUNT)))
+    if not conn.poll(DRAW_TIMEOUT + 30):
+        raise TimeoutError(f"the figures were not drawn within {DRAW_TIMEOUT} s")
+    reply = conn.recv()
+    if isinstance(reply, Exception):
+        raise reply
+    drawn = {(r.figure, r.method): r for batch in reply for r in batch}
     return [drawn[job] for job in jobs]
 
 
