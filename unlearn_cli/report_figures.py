@@ -128,7 +128,7 @@ MAX_TICKS = 7  # tick labels per `_Ticks` at most (MaxNLocator(5) gives up to 7 
 class _Ticks:
     """Tick marks and labels along the bottom (x) or left (y) of an axes whose limits change
     from one method to the next: one marker line and a few texts, refilled by `update`. A
-    matplotlib Axis does the same, but redrawing one costs ~10x more (placing its label measures
+    matplotlib Axis does the same, but redrawing one cost ~6x more here (placing its label measures
     every tick label of the figure)."""
 
     def __init__(self, ax, which: str, nbins: int, *, integer: bool = False,
