@@ -115,6 +115,7 @@ def main() -> None:
         else:
             store = args.store
         common = ["score", "--store", str(store), "--bootstrap", str(args.bootstrap)]
+        load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
         plain, html, plots = [], [], []
         for r in range(args.repeats):
             plain.append(timed([*common, "--out", str(tmp / f"a{r}.json")]))
@@ -122,6 +123,7 @@ def main() -> None:
                                "--html", str(tmp / f"b{r}.html")]))
             plots.append(timed([*common, "--out", str(tmp / f"c{r}.json"),
                                 "--plots", str(tmp / f"plots{r}")]))
+        load_after = os.getloadavg()[0]
         doc = json.loads((tmp / "b0.json").read_text())
         methods = len(doc.get("methods", [doc]))
         n = doc.get("methods", [doc])[0]["num_models"]["scored"]
@@ -135,8 +137,10 @@ def main() -> None:
 
     added = best(html)[0] - best(plain)[0]
     added_cpu = best(html)[1] - best(plain)[1]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"unlearn score, {methods} methods x N = {n} on digits, bootstrap {args.bootstrap}, "
-          f"fastest of {args.repeats} (fresh process each); wall and CPU seconds:")
+          f"fastest of {args.repeats} (fresh process each); {cores} cores, load average "
+          f"{load_before:.1f} before, {load_after:.1f} after; wall and CPU seconds:")
     print(f"  score --out               {best(plain)[0]:7.2f} s  {best(plain)[1]:7.2f} cpu-s"
           f"  (wall of each run: {runs(plain)})")
     print(f"  score --out --html        {best(html)[0]:7.2f} s  {best(html)[1]:7.2f} cpu-s"
@@ -154,7 +158,9 @@ def main() -> None:
              "score_wall_cpu_seconds": plain, "score_html_wall_cpu_seconds": html,
              "score_plots_wall_cpu_seconds": plots, "added_seconds": added,
              "added_cpu_seconds": added_cpu, "html_bytes": size, "plot_files": files,
-             "target_seconds": TARGET_SECONDS, "pass": verdict == "PASS"}, indent=2))
+             "target_seconds": TARGET_SECONDS, "pass": verdict == "PASS",
+             "cores": cores, "load_average_before": load_before,
+             "load_average_after": load_after}, indent=2))
 
 
 if __name__ == "__main__":

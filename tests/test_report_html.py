@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -351,3 +352,128 @@ def test_images_of_the_forget_examples():
     assert all(0.0 <= im.min() and im.max() <= 1.0 for im in images)
     images, note = forget_images({"data": {"dataset": "cifar10", "root": "/nonexistent"}}, [0])
     assert images is None and "images not shown" in note and "CIFAR-10" in note
+
+
+# --- the figures' fast paths ---------------------------------------------------------------------
+def _drawn_report(method: str, seed: int, num_models: int = 20, k: int = 4,
+                  image_shape: tuple[int, ...] = (8, 8)):
+    """A report and its top examples as `report_html.prepare` gives them, drawn at random."""
+    rng = np.random.default_rng(seed)
+    eps = np.concatenate([rng.uniform(0, 3, 30), [3.2, 50.0]])
+    rep = {"method": method, "num_models": {"scored": num_models},
+           "forget_quality": float(rng.uniform()), "per_example": {"epsilon": eps.tolist()}}
+    rules = [{"kind": "threshold", "thresholds": [0.5], "flags": "unlearned",
+              "true_positive_rate": 0.9, "false_positive_rate": 0.1, "epsilon": 1.0},
+             {"kind": "interval", "thresholds": [-0.5, 0.7], "flags": "retrained",
+              "true_positive_rate": 0.8, "false_positive_rate": 0.05, "epsilon": 1.2},
+             {"kind": "degenerate", "thresholds": [], "flags": "", "epsilon": 50.0,
+              "true_positive_rate": math.nan, "false_positive_rate": math.nan}]
+    examples = [{"index": int(rng.integers(0, 1797)), "label": i, "epsilon": float(eps[i]),
+                 "score": 2.0 ** -i, "rule": rules[(i + seed) % 3],
+                 "unlearned": rng.normal(seed, 1 + i, num_models),
+                 "retrained": rng.normal(0, 1, num_models),
+                 "image": rng.uniform(0, 1, image_shape)}
+                for i in range(k)]
+    return rep, examples
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_refilled_figures_equal_a_full_draw():
+    """The per-method figures are drawn over a saved background (`report_figures._Refill`):
+    every method's picture equals a full draw of it, up to the anti-aliased pixels where a
+    changing artist crosses a fixed one (measured: ~0.2% of the pixels)."""
+    import matplotlib.text
+
+    from unlearn_cli import report_figures as rf
+
+    rf.warm_up(4)  # what a drawing process does first: this layout, with 8x8 images
+    drawn = []
+    # The last: colour images of another shape (new images, which reshape their axes).
+    for seed, (method, shape) in enumerate([("a", (8, 8)), ("b", (8, 8)), ("a", (8, 8)),
+                                            ("c", (6, 9, 3))]):
+        rep, examples = _drawn_report(method, seed, image_shape=shape)
+        for fig in (rf.epsilon_histogram(rep), rf.top_examples(rep, examples)):
+            fast, full = _pixels(rf.render(fig, "png")), _pixels(rf.full_png(fig))
+            assert fast.shape == full.shape
+            assert (np.abs(fast - full).max(axis=2) > 32).mean() < 0.005
+            assert (np.abs(fast - full).max(axis=2) > 0).mean() < 0.01
+            drawn.append(fast)
+            # SVG draws every artist, the figure's title too (a Figure skips animated ones).
+            plain = io.BytesIO()
+            fig.savefig(plain, format="svg")
+            count = [len(re.findall(r'<g id="text_\d+"', svg))
+                     for svg in (rf.render(fig, "svg").decode(), plain.getvalue().decode())]
+            assert count[0] > count[1], count
+            assert any(isinstance(t, matplotlib.text.Text) and t.get_text().startswith(method)
+                       for t in fig.texts)
+    # Each method's picture is its own: nothing of the previous one is left over.
+    assert all(not np.array_equal(a, b) for i, a in enumerate(drawn) for b in drawn[i + 1:])
+
+
+def test_score_fraction_labels():
+    from unlearn_cli.report_figures import _fraction
+
+    assert [_fraction(h) for h in (1.0, 0.5, 2.0 ** -9, 0.0, 0.3)] == [
+        "1", "1/2", "1/512", "0", "0.3"]
+
+
+def test_drawing_jobs_are_shared_once_each_and_balanced():
+    from unlearn_cli.report_html import _batches
+
+    methods = [f"m{i}" for i in range(12)]
+    jobs = [("forget_quality", None), ("forgetting_vs_utility", None)] + [
+        (kind, m) for kind in ("epsilon_histogram", "top_examples") for m in methods]
+    for count in (1, 2, 3):
+        batches = _batches(jobs, count)
+        assert sorted(j for b in batches for j in b) == sorted(jobs)
+        assert len(batches) == min(count, len(jobs))
+    # Twelve methods: figure 3 (the costliest kind) outweighs the rest, both processes draw
+    # some of it, and one of the figures that show every method.
+    batches = _batches(jobs, 2)
+    assert all(any(j[0] == "top_examples" for j in b) for b in batches)
+    assert all(sum(j[1] is None for j in b) == 1 for b in batches)  # one shared figure each
+
+
+def test_a_drawing_process_start_never_raises(monkeypatch):
+    """The drawing host's warm-up swallows its errors: the first figure reports them."""
+    from unlearn_cli import report_figures, report_html
+
+    def broken(top_k):
+        raise ImportError("no matplotlib here")
+
+    monkeypatch.setattr(report_figures, "warm_up", broken)
+    assert report_html._warm_up(8) is None
+
+
+@pytest.mark.slow
+def test_drawing_processes_end_with_the_command(html_run):
+    import multiprocessing
+
+    from unlearn_cli import report_html
+
+    assert report_html._HELPERS is None
+    assert not [p for p in multiprocessing.active_children() if p.name == "unlearn-figures"]
+
+
+def test_a_figure_that_fails_in_a_drawing_process_raises_here():
+    """An error while drawing reaches the caller (no hang), and the processes end."""
+    import multiprocessing
+
+    from unlearn_cli import report_html
+
+    report_html.start_drawing(top_k=0, workers=1)
+    try:
+        assert report_html._HELPERS is not None
+        bad = report_html.Pages(doc={}, reports=[{"method": "x", "runtime": {}}], examples={},
+                                image_note="")
+        with pytest.raises(KeyError):
+            report_html.render_figures(bad)
+    finally:
+        report_html.stop_drawing()
+    assert not [p for p in multiprocessing.active_children() if p.name == "unlearn-figures"]

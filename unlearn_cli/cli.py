@@ -379,6 +379,7 @@ def score_cmd(
         from . import report_html
 
         report_html.check_options(html, plots, top_k)  # before scoring: fail fast
+        report_html.start_drawing(top_k)  # its processes import matplotlib while we score
     reports = score.run(store_path, methods=method, metric=metric, bootstrap=bootstrap,
                         keep_confidences=figures)
     pages = report_html.prepare(reports, store_path, top_k=top_k) if figures else None

@@ -9,13 +9,16 @@ config and the versions. Every number in its tables is a `<span class="num">` th
 key it shows (`data-key`) and the value as `report.json` holds it (`data-value`), so a test (or a
 reader) can check the page against the JSON.
 
-Flow (`cli.py`): `check_options` before scoring (a bad path fails fast), `score.run(...,
-keep_confidences=True)`, `prepare` (adds `top_examples` to each report and takes the confidences
-out, before the JSON is written), then `render_figures` once and `write_html` / `write_plots`.
+Flow (`cli.py`): `check_options` before scoring (a bad path fails fast), `start_drawing` (processes
+that import matplotlib while the scores are computed), `score.run(..., keep_confidences=True)`,
+`prepare` (adds `top_examples` to each report and takes the confidences out, before the JSON is
+written), then `write_all`: `render_figures` once (in those processes), `write_html` /
+`write_plots`, and the processes end.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import html
@@ -237,48 +240,159 @@ def _draw(pages: Pages, figure: str, method: str | None, formats: Sequence[str])
     return Rendered(figure, method, {f: rf.render(fig, f) for f in formats}, alt)
 
 
-_FORKED: tuple[Pages, tuple[str, ...]] | None = None  # what forked workers draw from
+# --- drawing processes ----------------------------------------------------------------------------
+_HELPERS: Any = None  # (the drawing host process, the parent's end of its pipe), or None
+_HELPER_COUNT = 0  # drawing processes under the host
+# CPU seconds of each figure kind, (first one, each further one): the first builds the layout
+# that a `_Refill` then reuses (figure 3's is built by `start_drawing` beforehand). Measured at
+# N = 100 on digits (12 methods, 2-core machine under load); only their ratios matter here.
+_COST = {"forget_quality": (0.45, 0.45), "forgetting_vs_utility": (0.45, 0.45),
+         "seed_metrics": (0.35, 0.35), "epsilon_histogram": (0.12, 0.04),
+         "top_examples": (0.2, 0.17)}
+DRAW_TIMEOUT = 600  # seconds: a drawing process that takes longer is stuck
 
 
-def _draw_batch(jobs: list[tuple[str, str | None]]) -> list[Rendered]:
-    pages, formats = _FORKED
+def start_drawing(top_k: int = DEFAULT_TOP_K, workers: int | None = None) -> None:
+    """Start the processes that will draw the figures, before scoring (`unlearn score --html`).
+
+    One host process imports matplotlib (about a second) and builds figure 3's layout for
+    `top_k` examples (`report_figures.warm_up`) while this process scores, on a core that
+    scoring leaves mostly idle; it then forks `workers` drawing processes, which inherit all of
+    that (one import, one layout, however many draw), and `render_figures` hands them the
+    figures through it. This process never imports matplotlib. Forked (Linux); elsewhere nothing
+    is started and `render_figures` draws here.
+    workers: drawing processes (default: one per core, at most 2, the machine this was measured
+    on; see `_batches` for how they share the figures).
+    """
+    global _HELPERS, _HELPER_COUNT
+    import multiprocessing
+
+    if _HELPERS is not None or "fork" not in multiprocessing.get_all_start_methods():
+        return
+    if workers is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else (os.cpu_count() or 1))
+        workers = min(cores, 2)
+    _HELPER_COUNT = max(1, workers)
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    # Not a daemon: a daemon may not start the drawing processes. `stop_drawing` ends it, at
+    # the latest when this process exits (atexit).
+    host = context.Process(target=_host, args=(theirs, top_k, _HELPER_COUNT),
+                           name="unlearn-figures", daemon=False)
+    host.start()
+    theirs.close()
+    _HELPERS = (host, ours)
+    atexit.unregister(stop_drawing)  # once, however often a process starts them
+    atexit.register(stop_drawing)
+
+
+def stop_drawing() -> None:
+    """End the drawing processes (idle by then); a later `start_drawing` starts new ones."""
+    global _HELPERS
+    if _HELPERS is None:
+        return
+    host, conn = _HELPERS
+    _HELPERS = None
+    try:
+        conn.send(None)  # the host ends its drawing processes, then itself
+    except OSError:  # it is gone already
+        pass
+    host.join(timeout=10)
+    if host.is_alive():  # pragma: no cover - a host stuck past its drawing
+        host.terminate()  # its drawing processes end when their pipe closes
+        host.join(timeout=10)
+    conn.close()
+
+
+def _host(conn: Any, top_k: int, workers: int) -> None:
+    """The drawing host (`start_drawing`): warm up, fork the drawing processes, then for each
+    request (pages, formats, batches) from the pipe send back the drawn batches or the error."""
+    import multiprocessing
+
+    _warm_up(top_k)
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if request is None:
+                return
+            pages, formats, batches = request
+            try:
+                pending = [pool.apply_async(_draw_batch, (pages, formats, batch))
+                           for batch in batches]
+                reply: Any = [p.get(timeout=DRAW_TIMEOUT) for p in pending]
+            except Exception as exc:  # noqa: BLE001 - raised again in the parent
+                reply = exc
+            conn.send(reply)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _warm_up(top_k: int) -> None:
+    """The drawing host's start. A problem (matplotlib missing) must not end it here: it shows
+    when the first figure is drawn, and reaches `render_figures` as that job's error."""
+    try:
+        from . import report_figures
+
+        report_figures.warm_up(top_k)
+    except Exception:  # noqa: BLE001 - reported by the first drawing job instead
+        pass
+
+
+def _batches(jobs: list[tuple[str, str | None]], count: int) -> list[list[tuple[str, str | None]]]:
+    """Share the jobs among `count` processes by estimated cost (`_COST`): longest piece first,
+    each to the least loaded process. A per-method kind is one piece or is cut into up to
+    `count` pieces, whichever finishes soonest: a cut costs a second layout."""
+    kinds: dict[str, list[tuple[str, str | None]]] = {}
+    for job in jobs:
+        kinds.setdefault(job[0], []).append(job)
+
+    def cost(piece: list[tuple[str, str | None]]) -> float:
+        first, more = _COST.get(piece[0][0], (0.45, 0.45))
+        return first + more * (len(piece) - 1)
+
+    def share(cuts: Sequence[int]) -> tuple[float, list[list[tuple[str, str | None]]]]:
+        pieces = []
+        for piece, parts in zip(kinds.values(), cuts):
+            size = -(-len(piece) // parts)
+            pieces += [piece[i:i + size] for i in range(0, len(piece), size)]
+        loads: list[tuple[float, list]] = [(0.0, []) for _ in range(count)]
+        for piece in sorted(pieces, key=cost, reverse=True):
+            at = min(range(count), key=lambda i: loads[i][0])
+            loads[at] = (loads[at][0] + cost(piece), loads[at][1] + piece)
+        return max(load for load, _ in loads), [batch for _, batch in loads if batch]
+
+    options = [[]]
+    for piece in kinds.values():
+        options = [[*o, parts] for o in options for parts in range(1, min(count, len(piece)) + 1)]
+    return min((share(cuts) for cuts in options), key=lambda option: option[0])[1]
+
+
+def _draw_batch(pages: Pages, formats: tuple[str, ...], jobs: list[tuple[str, str | None]]
+                ) -> list[Rendered]:
     return [_draw(pages, figure, method, formats) for figure, method in jobs]
 
 
-def render_figures(pages: Pages, formats: Sequence[str] = ("png",),
-                   workers: int | None = None) -> list[Rendered]:
-    """Draw every figure the reports allow, each once, in each format ("png", "svg").
-
-    workers: processes that draw at once (default: one per core, at most 4). matplotlib draws
-    in Python on one core, so with many methods the per-method figures are shared out among
-    forked copies of this process (Linux; the data are inherited, not copied); elsewhere, or for
-    a handful of figures, they are drawn here one after another.
-    """
-    global _FORKED
-    import multiprocessing
-
-    from . import report_figures  # noqa: F401  import matplotlib once, before any fork
-
+def render_figures(pages: Pages, formats: Sequence[str] = ("png",)) -> list[Rendered]:
+    """Draw every figure the reports allow, each once, in each format ("png", "svg"), in page
+    order: in the processes `start_drawing` started, else here one after another."""
     jobs = figure_jobs(pages)
-    if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1), 4)
-    per_method = [j for j in jobs if j[1] is not None]
-    if workers < 2 or len(per_method) < 6 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_draw(pages, figure, method, formats) for figure, method in jobs]
-    # Contiguous batches, so that each worker reuses its top-k figure layout from one method to
-    # the next; the parent draws the figures of all methods meanwhile.
-    batches = [per_method[i::workers] for i in range(workers)]
-    batches = [sorted(b, key=lambda j: j[0]) for b in batches if b]
-    _FORKED = (pages, tuple(formats))
-    try:
-        with multiprocessing.get_context("fork").Pool(len(batches)) as pool:
-            pending = pool.map_async(_draw_batch, batches)
-            shared = [_draw(pages, f, m, formats) for f, m in jobs if m is None]
-            drawn = {(r.figure, r.method): r for batch in pending.get(timeout=600) for r in batch}
-    finally:
-        _FORKED = None
-    return shared + [drawn[job] for job in per_method]
+    if _HELPERS is None or not jobs:
+        return _draw_batch(pages, tuple(formats), jobs)
+    host, conn = _HELPERS
+    conn.send((pages, tuple(formats), _batches(jobs, _HELPER_COUNT)))
+    if not conn.poll(DRAW_TIMEOUT + 30):
+        raise TimeoutError(f"the figures were not drawn within {DRAW_TIMEOUT} s")
+    reply = conn.recv()
+    if isinstance(reply, Exception):
+        raise reply
+    drawn = {(r.figure, r.method): r for batch in reply for r in batch}
+    return [drawn[job] for job in jobs]
 
 
 def plot_name(rendered: Rendered, fmt: str, taken: set[str]) -> str:
@@ -549,7 +663,10 @@ def write_html(pages: Pages, rendered: Sequence[Rendered], path: str | Path) -> 
 
 def write_all(pages: Pages, *, html: Path | None, plots: Path | None, console: Any) -> None:
     """Render the figures once and write the page and/or the plot files (`unlearn score`)."""
-    rendered = render_figures(pages, ("png", "svg") if plots is not None else ("png",))
+    try:
+        rendered = render_figures(pages, ("png", "svg") if plots is not None else ("png",))
+    finally:
+        stop_drawing()
     if html is not None:
         write_html(pages, rendered, html)
         console.print(f"HTML report written to {html} (open it in a browser; it works offline)")
