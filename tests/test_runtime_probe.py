@@ -52,3 +52,37 @@ def test_models_timed_alone_carry_their_probe_and_the_report_uses_it(trained_sto
     assert rt["ratio_raw"] == pytest.approx(rt["seconds_per_model"]["unlearned"]
                                             / rt["seconds_per_model"]["retrained"])
     assert 0 < rt["ratio"] < 1  # finetune (1 epoch) is cheaper than retraining (3 epochs)
+
+
+@pytest.mark.parametrize(("n", "batch", "epochs", "expected"), [
+    (1212, 64, 30, 24),  # digits: 24 steps (two epochs of 768 examples)
+    (100, 512, 3, 3),  # a tiny test recipe: its own 3 steps, never more
+    (10, 4, 1, 3),
+    (5000, 512, 30, 24),
+])
+def test_a_probe_takes_its_steps_and_never_more_than_the_recipe(n, batch, epochs, expected,
+                                                                monkeypatch):
+    import torch
+
+    from unlearn_cli import train_refs, training
+
+    steps = []
+    real_fit = training.fit
+
+    def counting_fit(model, x, y, **options):
+        steps.append(options["epochs"] * -(-len(y) // options["batch_size"]))
+        return real_fit(model, x, y, **{**options, "epochs": 0})
+
+    monkeypatch.setattr(training, "fit", counting_fit)
+
+    class Ctx:
+        device = torch.device("cpu")
+        spec = {"arch": "mlp", "hidden": [4], "input_shape": [3], "num_classes": 2}
+
+        def subset(self, name):
+            return torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)
+
+    probe = train_refs.Probe(Ctx(), {"batch_size": batch, "epochs": epochs, "lr": 0.1})
+    assert probe.take() == {}  # the first probe opens the chain
+    assert set(probe.take()) == {"probe_cpu_seconds", "probe_wall_seconds"}
+    assert steps == [expected, expected]

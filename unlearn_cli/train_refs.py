@@ -271,8 +271,9 @@ class Probe:
     under different loads (the bank in the morning, the method at noon on a busier machine)
     becomes a ratio of work. Measured on this project's 2-core machine under a load average of
     6-10 (other agents' work), `retrain` (7 models a side, 10 epochs): 0.84-1.16 in 6 runs with
-    probes of 24 steps (median distance from 1: 0.06), against 0.81-1.37 in seconds (0.14).
-    Costs 24 steps per run timed alone (a digits model takes 570 steps, a finetune run 95).
+    probes of 38 steps (an earlier rounding; now exactly PROBE_STEPS; median distance from 1:
+    0.06), against 0.81-1.37 in seconds (0.14). Costs PROBE_STEPS steps per run timed alone,
+    never more than the recipe's own training (a digits model takes 570 steps, a finetune run 95).
     """
 
     def __init__(self, ctx: Any, options: dict[str, Any]):
@@ -287,9 +288,12 @@ class Probe:
         from .training import fit
 
         x, y = self.ctx.subset("retain")
-        batch = self.options["batch_size"]
-        size = min(len(y), PROBE_STEPS * batch)
-        epochs = max(1, -(-PROBE_STEPS * batch // max(size, 1)))
+        batch = max(1, int(self.options["batch_size"]))
+        # PROBE_STEPS steps, never more than the recipe's own training (a tiny test recipe).
+        per_epoch = max(1, -(-len(y) // batch))
+        steps = max(1, min(PROBE_STEPS, int(self.options["epochs"]) * per_epoch))
+        epochs = -(-steps // per_epoch)
+        size = min(len(y), -(-steps // epochs) * batch)  # epochs x ceil(size / batch) = steps
         model = init_model(self.ctx.spec, 0).to(self.ctx.device)
         options = {**self.options, "epochs": epochs, "compile": "none", "cuda_graph": False}
         with Stopwatch(self.ctx.device) as watch, CpuClock() as cpu:
