@@ -34,7 +34,7 @@ def _busy_loop() -> subprocess.Popen:
 def _one_round(seed: int) -> dict:
     rng = random.Random(seed)
     jobs = [Job(f"r{seed}-{i}", "launch_jobs:blob_job",
-                {"value": seed * 1000 + i, "count": 3, "size": 300_000, "pause": 0.02}, 3)
+                {"value": seed * 1000 + i, "count": 3, "size": 300_000, "pause": 0.05}, 3)
             for i in range(JOBS)]
     slots = [Slot("cpu", {}, 1, f"cpu#{k}") for k in range(2)]
     lock = threading.Lock()
@@ -71,7 +71,8 @@ def _one_round(seed: int) -> dict:
     killed = []
     deadline = time.monotonic() + RUN_DEADLINE
     while runner.is_alive() and len(killed) < KILLS_PER_ROUND and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.02, 0.4))
+        # Workers fork from a warm server in milliseconds, so a round is short: kill often.
+        time.sleep(rng.uniform(0.02, 0.2))
         with lock:
             victims = [p for p in live.values() if p not in killed]
         if victims:
