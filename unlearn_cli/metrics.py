@@ -186,6 +186,21 @@ def _grid_size(span: float) -> int:
     return int(math.ceil(span * THRESHOLDS_PER_UNIT))
 
 
+def _check_paired_banks(unlearned: np.ndarray, retrained: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """`_check_banks`, and what forget quality needs besides: as many models in both banks and
+    at least one forget example."""
+    u, r = _check_banks(unlearned, retrained)
+    if u.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
+            f"unlearned and {r.shape[0]} retrained"
+        )
+    if u.shape[1] == 0:
+        raise ValueError("forget quality needs at least one forget example, got 0")
+    return u, r
+
+
 def _check_banks(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both banks as float64 `[num_models, num_examples]`, finite, same number of examples."""
     u = np.asarray(unlearned, dtype=np.float64)
@@ -1212,14 +1227,7 @@ def forget_quality(unlearned: np.ndarray, retrained: np.ndarray) -> float:
         F in [0, 1]. A perfect unlearner scores about 0.18-0.19, not 1 (see `calibrated_ceiling`);
         F is only comparable at equal N.
     """
-    u, r = _check_banks(unlearned, retrained)
-    if u.shape[0] != r.shape[0]:
-        raise ValueError(
-            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
-            f"unlearned and {r.shape[0]} retrained"
-        )
-    if u.shape[1] == 0:
-        raise ValueError("forget quality needs at least one forget example, got 0")
+    u, r = _check_paired_banks(unlearned, retrained)
     return _forget_quality_unchecked(u, r)
 
 
@@ -1383,14 +1391,7 @@ def bootstrap_forget_quality(
     Returns:
         (low, high).
     """
-    u, r = _check_banks(unlearned, retrained)
-    if u.shape[0] != r.shape[0]:
-        raise ValueError(
-            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
-            f"unlearned and {r.shape[0]} retrained"
-        )
-    if u.shape[1] == 0:
-        raise ValueError("forget quality needs at least one forget example, got 0")
+    u, r = _check_paired_banks(unlearned, retrained)
     if num_resamples < 2:
         raise ValueError(f"num_resamples must be at least 2, got {num_resamples}")
     if not 0.0 < level < 1.0:
@@ -1438,14 +1439,7 @@ def official_scores(
     Returns:
         an `OfficialScores` dict.
     """
-    u, r = _check_banks(unlearned, retrained)
-    if u.shape[0] != r.shape[0]:
-        raise ValueError(
-            f"forget quality needs the same number of models in both banks; got {u.shape[0]} "
-            f"unlearned and {r.shape[0]} retrained"
-        )
-    if u.shape[1] == 0:
-        raise ValueError("forget quality needs at least one forget example, got 0")
+    u, r = _check_paired_banks(unlearned, retrained)
     if num_resamples == 1 or num_resamples < 0:
         raise ValueError(f"num_resamples must be 0 or at least 2, got {num_resamples}")
     if not 0.0 < level < 1.0:
