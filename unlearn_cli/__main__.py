@@ -1,4 +1,6 @@
-from .cli import main
+if __name__ == "__main__":
+    # Workers started by the launcher import this module again as __mp_main__: importing the CLI
+    # (typer, rich) only here keeps their start-up free of it.
+    from .cli import main
 
-if __name__ == "__main__":  # spawned workers import this module as __mp_main__: do not rerun
     main()
