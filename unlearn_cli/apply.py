@@ -26,7 +26,6 @@ from .store import ORIGINAL, REFERENCE, UNLEARNED, Store
 
 UNLEARN_SEED_BASE = 1_000_000
 JOB_SIZE = 10  # unlearning runs per job: a crash loses at most this many per worker
-ENSEMBLE_CHUNK = 25  # runs per job of a method run in lockstep (the first of them timed alone)
 DRY_RUN_REPEAT_SECONDS = 30.0  # a dry run whose first run took less is run again, timed warm
 
 
@@ -155,17 +154,17 @@ def lockstep_of(method: Any) -> Any:
 
 
 def _chunks(missing: list[int], chunk_size: int, num_slots: int, engine: str) -> list[list[int]]:
-    """The jobs' seeds. Lockstep (ensemble engine): runs of consecutive run indices cut at
-    multiples of the chunk size (ENSEMBLE_CHUNK by default), from the seeds alone, because which
-    runs share a lockstep group changes their float rounding: the results must not depend on
-    --workers. One at a time (loop): JOB_SIZE runs per job, fewer so that every slot gets work;
+    """The jobs' seeds. Lockstep (ensemble engine): train-refs' cut on run indices (runs of
+    consecutive indices cut at multiples of the chunk size, train_refs.MAX_ENSEMBLE_CHUNK by
+    default), from the seeds alone, because which runs share a lockstep group changes their float
+    rounding: the results must not depend on --workers. One at a time (loop): JOB_SIZE runs per
+    job, fewer so that every slot gets work;
     each run is then independent of which job it is in."""
-    if engine == "ensemble":
-        size = chunk_size if chunk_size > 0 else ENSEMBLE_CHUNK
-        chunks: dict[int, list[int]] = {}
-        for seed in missing:
-            chunks.setdefault((seed - UNLEARN_SEED_BASE) // size, []).append(seed)
-        return list(chunks.values())
+    if engine == "ensemble":  # train-refs' cut, on run indices
+        from .train_refs import _chunks as cut_by_seed
+
+        runs = cut_by_seed([s - UNLEARN_SEED_BASE for s in missing], chunk_size, num_slots, engine)
+        return [[UNLEARN_SEED_BASE + i for i in chunk] for chunk in runs]
     size = chunk_size or JOB_SIZE
     size = max(1, min(size, -(-len(missing) // num_slots) if missing else 1))
     return [missing[i : i + size] for i in range(0, len(missing), size)]
