@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
-from unlearn_cli import attacks
+from unlearn_cli import attacks, helpers
 from unlearn_cli.attacks import (
     SeedScores,
     _fit_default_estimator,
@@ -255,7 +255,7 @@ def test_a_helper_process_computes_the_same_fits():
     labels = np.repeat([0.0, 1.0], 20)
     folds = _stratified_kfold_splits(labels, 2)
     here = attacks._lbfgs_chunk(features, labels, folds, True)
-    there = attacks._helper_pool(1).submit(attacks._lbfgs_chunk, features, labels, folds, True)
+    there = helpers.pool(1).submit(attacks._lbfgs_chunk, features, labels, folds, True)
     for mine, theirs in zip(here, there.result(timeout=120), strict=True):
         np.testing.assert_array_equal(mine, theirs)
 
@@ -274,7 +274,7 @@ def test_a_failed_helper_costs_only_time(monkeypatch):
     unlearned, retrained = _tiny_loss_banks(rng, num_models=10, num_examples=30)
     alone = seed_scores(unlearned, retrained, workers=1)
     monkeypatch.setattr(attacks, "PARALLEL_MIN_EXAMPLES", 1)
-    monkeypatch.setattr(attacks, "_helper_pool", lambda size: _FailingPool())
+    monkeypatch.setattr(helpers, "pool", lambda size: _FailingPool())
     spread = seed_scores(unlearned, retrained, workers=3)
     np.testing.assert_array_equal(alone.per_example, spread.per_example)
 

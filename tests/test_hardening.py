@@ -246,6 +246,27 @@ def test_a_bank_whose_models_disagree_is_refused(store_copy):
         Store(store_copy).load_outputs(REFERENCE, 4)
 
 
+def test_score_checks_the_provenance_of_the_runs_it_reads(store_copy):
+    # A run of `none` made under another config: scoring finetune alone does not read it (and
+    # is not refused), scoring `none` or every method is, naming that run.
+    path = store_copy / UNLEARNED / "none" / "seed-1000002" / "outputs.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["config_hash"] = "0123456789abcdef"
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path.with_suffix(".tmp.npz"), **arrays)
+    path.with_suffix(".tmp.npz").replace(path)
+    code, out = invoke("score", "--store", store_copy, "--method", "finetune", "--bootstrap", 0,
+                       "--out", store_copy / "report.json")
+    assert code == 0, out
+    for only in (["--method", "none"], []):
+        code, out = invoke("score", "--store", store_copy, *only, "--bootstrap", 0)
+        line = error_line(out)
+        assert code == 1 and "mixes models made under other settings" in line, out
+        assert "none" in line
+
+
 def test_a_deleted_experiment_is_rebuilt_only_from_matching_provenance(store_copy):
     original = json.loads((store_copy / "experiment.json").read_text())
     (store_copy / "experiment.json").unlink()

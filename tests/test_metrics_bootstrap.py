@@ -195,3 +195,91 @@ def test_ceiling_cache_is_keyed_by_the_reference_bank():
                                       cache=cache) == (
         metrics.calibrated_ceiling(first, unlearned=unlearned, seed=1, repeats=2))
     assert len(cache) == 3
+
+
+class _LostHelpers:
+    """An executor whose every task has failed, as when a helper process is killed."""
+
+    def submit(self, *args, **kwargs):
+        import concurrent.futures.process
+
+        future = concurrent.futures.Future()
+        future.set_exception(concurrent.futures.process.BrokenProcessPool("helper died"))
+        return future
+
+
+def test_sharing_the_engine_with_helper_processes_changes_no_value(monkeypatch):
+    # Chunks computed by a real helper process, by this one, and after a lost helper: the same
+    # epsilons, bit for bit, as the engine alone (the bootstrap's resampled banks included).
+    rng = np.random.default_rng(5)
+    unlearned = np.round(rng.normal(0.2, 1.0, (12, 30)), 1)
+    retrained = rng.normal(0.0, rng.uniform(0.3, 2.0, 30), (12, 30))
+    rows_u, rows_r = metrics._bootstrap_rows(12, 6, seed=2)
+    alone = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
+    monkeypatch.setattr(metrics, "_BATCH_VALUES", 12 * 16)  # 16 columns per chunk: 12 chunks
+    with metrics.sharing_work(2):
+        assert metrics._SHARED_HELPERS == 1
+        shared = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
+    assert metrics._SHARED_HELPERS == 0  # restored after the block
+    np.testing.assert_array_equal(shared, alone)
+    monkeypatch.setattr(metrics.helpers, "pool", lambda size: _LostHelpers())
+    with metrics.sharing_work(3):
+        lost = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
+    np.testing.assert_array_equal(lost, alone)
+
+
+class _HelpersHere:
+    """An executor that runs each task at once in this process, recording which it was given."""
+
+    def __init__(self):
+        self.given = []
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+
+        self.given.append(getattr(fn, "__name__", str(fn)))
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def test_chunks_handed_to_helpers_come_back_in_their_place(monkeypatch):
+    rng = np.random.default_rng(6)
+    unlearned = rng.normal(0.0, 1.0, (10, 50))
+    retrained = rng.normal(0.4, 1.2, (10, 50))
+    alone = metrics.per_example_epsilons(unlearned, retrained)
+    pool = _HelpersHere()
+    monkeypatch.setattr(metrics.helpers, "pool", lambda size: pool)
+    monkeypatch.setattr(metrics, "_BATCH_VALUES", 10 * 16)  # 16 columns per chunk: 4 chunks
+    with metrics.sharing_work(2):
+        shared = metrics.per_example_epsilons(unlearned, retrained)
+    np.testing.assert_array_equal(shared, alone)
+    assert "_epsilons_chunk" in pool.given  # a chunk from the front went to the helper
+
+
+def test_a_helper_process_computes_the_same_epsilons():
+    rng = np.random.default_rng(7)
+    u, r = rng.normal(0.0, 1.0, (20, 12)), np.round(rng.normal(0.2, 1.0, (20, 12)), 1)
+    there = metrics.helpers.pool(1).submit(metrics._epsilons_chunk, u, r).result(timeout=120)
+    np.testing.assert_array_equal(there, metrics._epsilons_chunk(u, r))
+
+
+def test_sharing_with_one_process_starts_no_helper(monkeypatch):
+    def refuse(size):
+        raise AssertionError("no helper process should start with one worker")
+
+    monkeypatch.setattr(metrics.helpers, "pool", refuse)
+    with metrics.sharing_work(1):
+        assert metrics._SHARED_HELPERS == 0
+        metrics.per_example_epsilons(np.zeros((4, 3)), np.ones((4, 3)))
+
+
+def test_the_commands_default_resamples_are_the_metrics_default():
+    import inspect
+
+    from unlearn_cli import cli, score
+
+    option = inspect.signature(cli.score_cmd).parameters["bootstrap"]
+    assert option.default == metrics.DEFAULT_RESAMPLES
+    assert inspect.signature(score.run).parameters["bootstrap"].default == metrics.DEFAULT_RESAMPLES
+    assert metrics.DEFAULT_RESAMPLES == 50

@@ -22,16 +22,15 @@ The seed's metric comes in two variants that differ only in how each logistic re
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
 import itertools
-import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit, logsumexp
+
+from . import helpers
 
 # --- Constants of the seed's metric (spec §2) --------------------------------------------------
 SEED_DELTA = 1e-6  # δ of the (ε, δ) bound, as the seed notebook uses
@@ -53,7 +52,6 @@ SEED_LBFGS_FTOL = 64 * np.finfo(float).eps  # ... and as ftol
 # starting helper processes for.
 PARALLEL_MIN_EXAMPLES = 200
 CHUNKS_PER_WORKER = 8  # small chunks: this process and the helpers share them as they go
-HELPER_IDLE_TIMEOUT_S = 300  # an idle helper process exits after this many seconds
 
 # --- The converged logistic regression (seed-converged, simple MIA) ------------------------------
 LOGREG_C = 1.0  # inverse L2 strength: minimise 0.5 * w^2 + C * sum of log-losses (sklearn default)
@@ -294,12 +292,7 @@ def _seed_summary(
 
 def _worker_count(workers: int | None) -> int:
     """`workers`, or the number of cores this process may run on."""
-    if workers is not None:
-        return workers
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return workers if workers is not None else helpers.cores()
 
 
 def _lbfgs_decisions(
@@ -313,10 +306,11 @@ def _lbfgs_decisions(
 
     The examples are cut into chunks. With workers > 1, this process works through the chunks
     from the back while workers - 1 helper processes (started once, then reused) are handed
-    chunks from the front, one each at a time. A chunk a helper has not finished when this
-    process runs out of work is done here as well (the fits are deterministic, so either copy
-    will do): a helper still starting (it imports scikit-learn, about a second) or lost never
-    makes a call slower than doing everything here, and nothing waits on a helper.
+    chunks from the front, one each at a time (`helpers.share`). A chunk a helper has not
+    finished when this process runs out of work is done here as well (the fits are
+    deterministic, so either copy will do): a helper still starting (it imports scikit-learn,
+    about a second) or lost never makes a call slower than doing everything here, and nothing
+    waits on a helper.
 
     Args:
         features: [E, 2N] the values of each example, columns as `labels`.
@@ -328,36 +322,13 @@ def _lbfgs_decisions(
     if workers <= 1 or num_examples < PARALLEL_MIN_EXAMPLES:
         return _lbfgs_chunk(features, labels, folds, exact)
     rows = np.array_split(np.arange(num_examples), min(num_examples, workers * CHUNKS_PER_WORKER))
-    results: list[list[np.ndarray] | None] = [None] * len(rows)
-    pool = _helper_pool(workers - 1)
-    handed: dict[int, concurrent.futures.Future] = {}
-    todo = collections.deque(range(len(rows)))
-    while todo:
-        busy = sum(not future.done() for future in handed.values())
-        while busy < workers - 1 and len(todo) > 1:
-            i = todo.popleft()
-            handed[i] = pool.submit(_lbfgs_chunk, features[rows[i]], labels, folds, exact)
-            busy += 1
-        i = todo.pop()
-        results[i] = _lbfgs_chunk(features[rows[i]], labels, folds, exact)
-    for i, future in sorted(handed.items(), reverse=True):
-        if future.done() and not future.cancelled() and future.exception() is None:
-            results[i] = future.result()
-        else:
-            # Not finished (or the helper failed: a crash, a killed process): do it here.
-            future.cancel()
-            results[i] = _lbfgs_chunk(features[rows[i]], labels, folds, exact)
+    results = helpers.share(
+        len(rows),
+        lambda i: _lbfgs_chunk(features[rows[i]], labels, folds, exact),
+        lambda i: (_lbfgs_chunk, (features[rows[i]], labels, folds, exact)),
+        helpers=workers - 1,
+    )
     return [np.concatenate([part[k] for part in results]) for k in range(len(folds))]
-
-
-def _helper_pool(size: int) -> concurrent.futures.Executor:
-    """`size` helper processes, started once and reused by later calls (idle ones exit after
-    5 minutes). loky (joblib's executor, installed with scikit-learn) starts them without
-    re-running the caller's main script, so scripts need no `if __name__ == "__main__"` guard,
-    and replaces the pool if a helper died."""
-    from joblib.externals.loky import get_reusable_executor
-
-    return get_reusable_executor(max_workers=size, timeout=HELPER_IDLE_TIMEOUT_S)
 
 
 def start_seed_helpers(workers: int | None = None) -> None:
@@ -369,7 +340,7 @@ def start_seed_helpers(workers: int | None = None) -> None:
     """
     count = _worker_count(workers)
     if count > 1:
-        _helper_pool(count - 1).submit(_import_fit_modules)
+        helpers.pool(count - 1).submit(_import_fit_modules)
 
 
 def _import_fit_modules() -> None:

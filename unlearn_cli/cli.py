@@ -354,8 +354,9 @@ def score_cmd(
     metric: Annotated[str, typer.Option(
         "--metric", metavar="NAME",
         help="official | seed | seed-converged | lira | klom | all")] = "official",
+    # 50: metrics.DEFAULT_RESAMPLES (not imported here: numpy would slow every command's start)
     bootstrap: Annotated[int, typer.Option(
-        "--bootstrap", metavar="N", help="Bootstrap resamples for F's interval (0 = none).")] = 100,
+        "--bootstrap", metavar="N", help="Bootstrap resamples for F's interval (0 = none).")] = 50,
     html: Annotated[Optional[Path], typer.Option(
         "--html", metavar="FILE", help="Write a self-contained HTML report (tables, figures) here.",
         show_default=False)] = None,

@@ -150,7 +150,8 @@ def _official_part(u_conf: np.ndarray, r_conf: np.ndarray, *, bootstrap: int, se
     return out
 
 
-def score_method(store: Store, method: str, *, metric: str = "official", bootstrap: int = 100,
+def score_method(store: Store, method: str, *, metric: str = "official",
+                 bootstrap: int = metrics.DEFAULT_RESAMPLES,
                  seed: int = 0, references: dict[str, Any] | None = None,
                  keep_confidences: bool = False, cache: dict | None = None) -> dict[str, Any]:
     """The report for one stored method (see the README for its fields).
@@ -367,7 +368,8 @@ def klom_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
 
 
 def _seed_workers(exp: dict[str, Any]) -> int | None:
-    """Processes for the seed metric's fits: the stored launch.workers, None (one per core) if 0."""
+    """Processes for the metrics' work (the epsilon engine, the seed metric's fits): the stored
+    launch.workers, None (one per core) if 0."""
     workers = exp.get("config", {}).get("launch", {}).get("workers", 0)
     return int(workers) if isinstance(workers, int) and workers > 0 else None
 
@@ -390,36 +392,41 @@ def reading(ceiling: dict[str, Any]) -> str:
 
 
 def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric: str = "official",
-        bootstrap: int = 100, seed: int = 0, keep_confidences: bool = False
+        bootstrap: int = metrics.DEFAULT_RESAMPLES, seed: int = 0, keep_confidences: bool = False
         ) -> list[dict[str, Any]]:
     """Score the named methods (all stored ones by default); one report per method."""
     if bootstrap == 1 or bootstrap < 0:
         raise UnlearnError(f"--bootstrap {bootstrap}: expected 0 (no interval) or at least 2 "
-                           "resamples, e.g. --bootstrap 100")
+                           f"resamples, e.g. --bootstrap {metrics.DEFAULT_RESAMPLES}")
     if metric not in METRICS:
         raise UnlearnError(f"--metric {metric!r} is not known; expected one of: "
                            f"{', '.join(METRICS)}")
     store = Store(store_root)
-    store.check_identity()  # every model made under the experiment's settings
-    stored = store.stored_methods()
+    workers = _seed_workers(store.read_experiment())  # first: a missing store says so
     if methods:
         chosen = list(methods)
     else:
-        chosen = stored
+        chosen = store.stored_methods()
         if not chosen:
             raise StoreError(
                 f"store {store.root} holds no unlearning runs yet; run `unlearn apply --method "
                 f"finetune --store {store.root}` first"
             )
+    # Every model scored was made under the experiment's settings (the other methods' runs are
+    # not read, so not checked here).
+    store.check_identity(methods=chosen)
     if metric in ("seed", "all"):
         from . import attacks
 
         if len(store.load_split()["forget"]) >= attacks.PARALLEL_MIN_EXAMPLES:
             # Helper processes import scikit-learn while the banks are read and scored.
-            attacks.start_seed_helpers(_seed_workers(store.read_experiment()))
-    # The reference bank is the same for every method: read its outputs once.
-    references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
-    cache: dict = {}  # shared work across methods (the ceiling's splits)
-    return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
-                         references=references, keep_confidences=keep_confidences, cache=cache)
-            for m in chosen]
+            attacks.start_seed_helpers(workers)
+    # Helper processes share the epsilon engine's work (the same processes as the seed's fits).
+    with metrics.sharing_work(workers):
+        # The reference bank is the same for every method: read its outputs once.
+        references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
+        cache: dict = {}  # shared work across methods (the ceiling's splits)
+        return [score_method(store, m, metric=metric, bootstrap=bootstrap, seed=seed,
+                             references=references, keep_confidences=keep_confidences,
+                             cache=cache)
+                for m in chosen]

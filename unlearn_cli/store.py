@@ -35,7 +35,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +250,15 @@ class Store:
                 "the store was made from, or use a new --store"
             )
 
-    def _model_hashes(self) -> dict[tuple[str, str | None], list[ModelKey]]:
-        """The stored models grouped by the (config hash, split hash) their provenance carries."""
+    def _model_hashes(self, methods: Collection[str] | None = None
+                      ) -> dict[tuple[str, str | None], list[ModelKey]]:
+        """The stored models grouped by the (config hash, split hash) their provenance carries;
+        with `methods`, the unlearning runs of those methods only (and every other model)."""
         groups: dict[tuple[str, str | None], list[ModelKey]] = {}
+        folders = None if methods is None else {method_dir_name(m) for m in methods}
         for kind, seed, method in self.stored_models():
+            if folders is not None and kind == UNLEARNED and method not in folders:
+                continue
             path = self.model_dir(kind, seed, method) / "outputs.npz"
             try:
                 meta = json.loads(str(read_npz(path, only="meta")["meta"]))
@@ -267,12 +272,13 @@ class Store:
         names = [self.describe(*m) for m in models[:4]]
         return ", ".join(names) + (f" and {len(models) - 4} more" if len(models) > 4 else "")
 
-    def check_identity(self) -> None:
+    def check_identity(self, methods: Collection[str] | None = None) -> None:
         """Refuse a store whose experiment.json was edited, or whose models disagree with it.
 
         Every model's provenance carries the config hash and the split hash it was made under;
         they must be those of experiment.json, whose own config must still give the hash it was
         written with. Otherwise models trained under different settings would be mixed silently.
+        With `methods`, only those methods' unlearning runs are checked (with every other model).
         """
         exp = self.read_experiment()
         cfg = self._stored_config(exp)
@@ -284,7 +290,7 @@ class Store:
                 f"{self.experiment_file} and run `{self.redo_command(REFERENCE)}` with the config "
                 "the models were made with, which rebuilds it after checking their provenance"
             )
-        foreign = [m for (config_hash, split_hash), models in self._model_hashes().items()
+        foreign = [m for (config_hash, split_hash), models in self._model_hashes(methods).items()
                    if config_hash not in accepted or split_hash != exp.get("split_hash")
                    for m in models]
         if foreign:

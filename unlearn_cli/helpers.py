@@ -1,0 +1,87 @@
+"""Helper processes that share CPU-bound work with the command's own process.
+
+Used by `score`: the official metric's epsilon engine (`metrics`) and the seed metric's fits
+(`attacks`). The work is cut into parts whose results do not depend on who computes them; this
+process works through the parts from the back while the helpers are handed parts from the front
+(`share`). A helper still starting, slow or lost never makes a call slower than doing everything
+here by more than a short, bounded wait: a part a helper has not finished by then is done here.
+
+The helpers are loky processes (joblib's executor, installed with scikit-learn): started once,
+reused by later calls, replaced if one died, and ended after `IDLE_TIMEOUT_S` idle seconds or
+when this process exits. loky starts them without re-running the caller's main script, so scripts
+need no `if __name__ == "__main__"` guard.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+IDLE_TIMEOUT_S = 300  # an idle helper process exits after this many seconds
+
+T = TypeVar("T")
+
+
+def cores() -> int:
+    """The number of cores this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pool(size: int) -> concurrent.futures.Executor:
+    """`size` helper processes, started once and reused (see the module doc)."""
+    from joblib.externals.loky import get_reusable_executor
+
+    return get_reusable_executor(max_workers=size, timeout=IDLE_TIMEOUT_S)
+
+
+def share(
+    num_parts: int,
+    run_here: Callable[[int], T],
+    task: Callable[[int], tuple[Callable[..., T], tuple[Any, ...]]],
+    *,
+    helpers: int,
+    in_flight: int = 1,
+    grace: float = 0.0,
+) -> list[T]:
+    """Results of parts 0..num_parts-1, computed here and by `helpers` helper processes.
+
+    This process computes part i with `run_here(i)`, from the last part down; helpers are
+    handed parts from the first up, `in_flight` at a time each, as `fn(*args)` for
+    `(fn, args) = task(i)` (fn must be importable by name, args picklable). When this process
+    runs out of parts, each handed part not yet back is waited for at most `grace` times the
+    longest part computed here (a helper finishing it soon), then computed here; a helper's
+    failure (a crash, a killed process) is the same as not finishing. Deterministic parts give
+    the same results whoever computes them.
+    """
+    if helpers < 1 or num_parts < 2:
+        return [run_here(i) for i in range(num_parts)]
+    executor = pool(helpers)
+    results: list[Any] = [None] * num_parts
+    handed: dict[int, concurrent.futures.Future] = {}
+    todo = collections.deque(range(num_parts))
+    longest = 0.0  # seconds of the longest part computed here
+    while todo:
+        busy = sum(not future.done() for future in handed.values())
+        while busy < helpers * in_flight and len(todo) > 1:
+            i = todo.popleft()
+            fn, args = task(i)
+            handed[i] = executor.submit(fn, *args)
+            busy += 1
+        i = todo.pop()
+        start = time.perf_counter()
+        results[i] = run_here(i)
+        longest = max(longest, time.perf_counter() - start)
+    for i, future in handed.items():
+        try:
+            results[i] = future.result(timeout=grace * longest)
+        except Exception:  # noqa: BLE001 - not back in time, cancelled, or the helper failed
+            future.cancel()
+            results[i] = run_here(i)
+    return results
