@@ -4,9 +4,9 @@
     UNLEARN_BENCH_OUT=out python benchmarks/bench_metrics.py    # + out/metrics_official.json
 
 Targets (docs/performance.md, Scoring; issue 16): 1,000 forget examples x (512 + 512) models in
-<= 4 s on a 2-core machine, peak memory <= 2 GiB; `score` for one method with the default 100
-bootstrap resamples <= 1.5 s at N = 100 and 135 forget examples, twelve methods <= 10 s. A missed
-target prints FAIL; the exit code stays 0.
+<= 4 s on a 2-core machine, peak memory <= 2 GiB; `score` for one method with the default
+bootstrap resamples (metrics.DEFAULT_RESAMPLES, 50) <= 1.5 s at N = 100 and 135 forget examples,
+twelve methods <= 10 s. A missed target prints FAIL; the exit code stays 0.
 
 What is measured, side by side in one run:
 - the epsilon engine on synthetic confidences: `per_example_epsilons` (batched over examples)
@@ -20,16 +20,18 @@ What is measured, side by side in one run:
   of the call alone, for information);
 - the bootstrap interval (135 examples x 100 models, 100 resamples): all resamples in one batched
   pass against the previous path, one F per resample through the per-example engine, on the same
-  resample indices; the resampled F must be equal;
-- `unlearn score` in-process (`score.run`, defaults: 100 resamples, the ceiling) on a store
+  resample indices; the resampled F must be equal; and the same pass shared with helper
+  processes (`metrics.sharing_work`, as `score` runs it) against threads in one process;
+- `unlearn score` in-process (`score.run`, defaults: 50 resamples, the ceiling) on a store
   written here with synthetic logits (N = 100 reference models and 100 runs of each of twelve
   methods, 135 forget examples, the digits split sizes): one method, and all twelve; and the
   whole command as a user runs it (`python -m unlearn_cli score --store S --out r.json`, a new
   process: imports, reading every outputs.npz, scoring, writing the report), one method and all
   twelve. Its bytecode is cached in a temporary folder (PYTHONPYCACHEPREFIX) and warmed up by a
   first run, as an installed package has it; the process's wall time is what a user waits;
-- coverage of the 95% interval over independent retrain-vs-retrain draws (small synthetic banks),
-  and on the golden digits reference bank: random 15-vs-15 splits of its 30 models, against the
+- coverage of the 95% interval, with the default 50 resamples and with 100 on the same draws,
+  over independent retrain-vs-retrain draws (small synthetic banks), and on the golden digits
+  reference bank: random 15-vs-15 splits of its 30 models, against the
   mean F over 200 splits. Those splits share models, so they are not independent draws and the
   spread of F across them understates that across fresh banks: read that line as "the interval
   holds the real-data ceiling", not as a calibrated 95%.
@@ -73,6 +75,7 @@ BOOTSTRAP_RESAMPLES = 100
 SCORE_MODELS, SCORE_FORGET, SCORE_METHODS = 100, 135, 12
 TARGET_SCORE_ONE, TARGET_SCORE_ALL = 1.5, 10.0  # seconds
 COVERAGE = {"num_models": 20, "num_examples": 30, "draws": 100, "truth_draws": 400}
+COVERAGE_RESAMPLES = (metrics.DEFAULT_RESAMPLES, 100)  # the default beside twice as many
 GOLDEN_SPLITS = 40  # random 15-vs-15 splits of the golden digits reference bank
 GOLDEN_E2E = REPO_ROOT / "tests" / "data" / "official_e2e_golden.npz"
 SEED = 0
@@ -196,7 +199,14 @@ def bench_bootstrap() -> dict:
     )
     previous_s = time.perf_counter() - start
     interval_s, interval = time_call(bootstrap_forget_quality, u, r)
+    with metrics.sharing_work():  # what `score` does: helper processes (one per further core)
+        metrics._forget_qualities(u, r, rows_u[:4], rows_r[:4])  # untimed: the helpers start
+        shared_s, shared = time_call(metrics._forget_qualities, u, r, rows_u, rows_r, repeats=3)
+    threads_s, _ = time_call(metrics._forget_qualities, u, r, rows_u, rows_r, repeats=3)
     return {
+        "shared_seconds": shared_s,
+        "threads_seconds": threads_s,
+        "shared_equal": bool(np.array_equal(shared, batched)),
         "shape_models_examples": list(BOOTSTRAP_SHAPE),
         "resamples": BOOTSTRAP_RESAMPLES,
         "batched_seconds": batched_s,
@@ -312,17 +322,21 @@ def bench_coverage() -> dict:
     rows = np.arange(g * n).reshape(g, n)
     fresh = metrics._forget_qualities(draw(g * n), draw(g * n), rows, rows)
     ceiling = float(fresh.mean())
-    covered, widths = [], []
+    covered: dict[int, list[bool]] = {b: [] for b in COVERAGE_RESAMPLES}
+    widths: dict[int, list[float]] = {b: [] for b in COVERAGE_RESAMPLES}
     for d in range(COVERAGE["draws"]):
-        low, high = bootstrap_forget_quality(draw(n), draw(n), seed=d)
-        covered.append(low <= ceiling <= high)
-        widths.append(high - low)
+        u, r = draw(n), draw(n)
+        for b in COVERAGE_RESAMPLES:  # the same draws for each number of resamples
+            low, high = bootstrap_forget_quality(u, r, seed=d, num_resamples=b)
+            covered[b].append(low <= ceiling <= high)
+            widths[b].append(high - low)
     out = {
-        "synthetic": {
+        f"synthetic_b{b}": {
             "num_models": n, "num_examples": e, "draws": COVERAGE["draws"], "ceiling": ceiling,
-            "coverage": float(np.mean(covered)), "mean_width": float(np.mean(widths)),
-            "spread_of_f": float(fresh.std(ddof=1)),
+            "resamples": b, "coverage": float(np.mean(covered[b])),
+            "mean_width": float(np.mean(widths[b])), "spread_of_f": float(fresh.std(ddof=1)),
         }
+        for b in COVERAGE_RESAMPLES
     }
     if GOLDEN_E2E.is_file():
         with np.load(GOLDEN_E2E) as data:
@@ -331,18 +345,20 @@ def bench_coverage() -> dict:
         splits = np.array([rng.permutation(bank.shape[0]) for _ in range(200)])
         all_f = metrics._forget_qualities(bank, bank, splits[:, :half], splits[:, half:2 * half])
         target = float(all_f.mean())
-        hits, golden_widths = [], []
-        for s in range(GOLDEN_SPLITS):
-            low, high = bootstrap_forget_quality(
-                bank[splits[s, :half]], bank[splits[s, half:2 * half]], seed=s
-            )
-            hits.append(low <= target <= high)
-            golden_widths.append(high - low)
-        out["golden_digits"] = {
-            "num_models": half, "splits": GOLDEN_SPLITS, "ceiling": target,
-            "coverage": float(np.mean(hits)), "mean_width": float(np.mean(golden_widths)),
-            "spread_of_f": float(all_f.std(ddof=1)),
-        }
+        for b in COVERAGE_RESAMPLES:
+            hits, golden_widths = [], []
+            for s in range(GOLDEN_SPLITS):
+                low, high = bootstrap_forget_quality(
+                    bank[splits[s, :half]], bank[splits[s, half:2 * half]], seed=s,
+                    num_resamples=b,
+                )
+                hits.append(low <= target <= high)
+                golden_widths.append(high - low)
+            out[f"golden_digits_b{b}"] = {
+                "num_models": half, "splits": GOLDEN_SPLITS, "ceiling": target, "resamples": b,
+                "coverage": float(np.mean(hits)), "mean_width": float(np.mean(golden_widths)),
+                "spread_of_f": float(all_f.std(ddof=1)),
+            }
     return out
 
 
@@ -359,6 +375,7 @@ def main() -> int:
     time_ok = target["fast_seconds"] <= TARGET_SECONDS
     memory_ok = peak_mib <= TARGET_PEAK_MIB
     agree_ok = all(row["mismatches_on_checked_examples"] == 0 for row in rows) and boot["equal"]
+    agree_ok = agree_ok and boot["shared_equal"]
     one_ok = scoring["one_method_seconds"] <= TARGET_SCORE_ONE
     all_ok = scoring["all_methods_seconds"] <= TARGET_SCORE_ALL
 
@@ -394,6 +411,12 @@ def main() -> int:
         f"{boot['interval_seconds']:.2f} s"
     )
     print(
+        f"  the same pass (median of 3): shared with helper processes as `score` does "
+        f"{boot['shared_seconds']:.2f} s, threads in this process {boot['threads_seconds']:.2f} s "
+        f"({boot['threads_seconds'] / boot['shared_seconds']:.2f}x); values "
+        f"{'equal' if boot['shared_equal'] else 'NOT EQUAL'}"
+    )
+    print(
         f"score (in-process, defaults), N = {SCORE_MODELS}, {SCORE_FORGET} forget examples: one "
         f"method {scoring['one_method_seconds']:.2f} s "
         f"({scoring['one_method_no_bootstrap_seconds']:.2f} s with --bootstrap 0), "
@@ -405,10 +428,11 @@ def main() -> int:
         f"{scoring['cli_all_methods_seconds']:.2f} s"
     )
     for name, cov in coverage.items():
-        how = "independent draws" if name == "synthetic" else "splits of 30 models, not independent"
+        how = ("independent draws" if name.startswith("synthetic")
+               else "splits of 30 models, not independent")
         print(
-            f"coverage of the 95% interval, {name} retrain vs retrain, {how} "
-            f"(N = {cov['num_models']}): "
+            f"coverage of the 95% interval, {cov['resamples']} resamples, {name.split('_b')[0]} "
+            f"retrain vs retrain, {how} (N = {cov['num_models']}): "
             f"{cov['coverage']:.3f} over {cov.get('draws', cov.get('splits'))} draws; mean width "
             f"{cov['mean_width']:.4f} vs 3.92 x sd of F = {3.92 * cov['spread_of_f']:.4f}"
         )
