@@ -13,7 +13,16 @@ from typing import Any
 
 from .config import Config, check_num_models
 from .errors import MethodError, StoreError, UnlearnError
-from .launch import Job, JobOutcome, plan, plan_slots, prestart, raise_failures, run_jobs
+from .launch import (
+    CostModel,
+    Job,
+    JobOutcome,
+    plan,
+    plan_slots,
+    prestart,
+    raise_failures,
+    run_jobs,
+)
 from .methods import (
     Interrupts,
     check_method_sections,
@@ -129,17 +138,20 @@ def run(
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
+        costs = CostModel(store, f"apply:{method_spec}")
+        inline, note = costs.decide(jobs, slots, launch.backend, inline)
         if on_event is not None and jobs:
             from .train_refs import describe_launch
 
             on_event("plan", "", f"running {method_spec} {len(missing)} time(s): "
-                                 f"{describe_launch(jobs, slots, engine)}")
+                                 f"{describe_launch(jobs, slots, engine, inline=inline)}{note}")
         # Workers get the original model with the data (once per worker or Ray node), not a path,
         # and hand each run back: only this process writes the store.
         outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
                             shared=_shared(cfg, store, original), inline=inline,
                             on_result=lambda job_id, trained: store_trained(store, trained),
-                            on_event=on_event)
+                            on_event=costs.watch(on_event))
+        costs.record(jobs, outcomes)
     raise_failures(outcomes, what="unlearning", kept="the finished runs are stored")
     reused = sorted(s for s in done if s < unlearn_seed(n))
     return ApplyResult(store.root, method_spec, missing, reused, outcomes, redone)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import platform
 import sys
 import time
 import traceback
@@ -321,6 +322,87 @@ def run_jobs(
     from . import launch_local
 
     return launch_local.run_jobs(jobs, slots, shared=shared, on_result=keep, emit=emit)
+
+
+# Local workers' start-up until one was measured on this machine with this store (an estimate:
+# from a warm fork server a worker was ready in ~0.1-0.3 s here, from a cold one in ~2 s).
+STARTUP_ESTIMATE_S = 1.0
+
+
+def machine() -> dict[str, Any]:
+    """What measured costs are valid for: this host and the cores this process may use."""
+    return {"host": platform.node(), "cpus": cpu_count()}
+
+
+class CostModel:
+    """Where a command's jobs run on the local backend: in this process or on workers.
+
+    From costs measured by the same command on this machine (`Store.record_costs`, under a key
+    such as "train-refs" or "apply:finetune"): in this process the jobs take W = models x the
+    seconds per model they took last time; on n workers, the workers' start-up (measured: from
+    the launch to the first worker ready) plus the busiest worker's share, max(W / n, the
+    largest job). The smaller wins. With no measured seconds per model (a first run), workers:
+    there is nothing to estimate from, and most runs are large. Never used on Ray, on GPUs, or
+    when the caller chose (`inline`); one CPU slot runs in this process anyway (`run_jobs`).
+    Where jobs run never changes a result (the same jobs, threads and seeds either way).
+    """
+
+    def __init__(self, store: Any, key: str) -> None:
+        self.store, self.key = store, key
+        self.stored = store.read_costs(key, machine())
+        self._started: float | None = None
+        self._first_worker: float | None = None
+        self._measured = False
+
+    def decide(self, jobs: Sequence[Job], slots: Sequence[Slot], backend: str,
+               inline: bool | None) -> tuple[bool | None, str]:
+        """(inline for `run_jobs`, a note for the plan line, "" when the model was not used)."""
+        # Costs are measured for, and used on, local CPU runs only (`record`).
+        self._measured = backend == "local" and bool(slots) and slots[0].device == "cpu"
+        if inline is not None or backend != "local" or not jobs or len(slots) < 2:
+            return inline, ""
+        if slots[0].device != "cpu":
+            return None, ""
+        per_model = self.stored.get("model_seconds")
+        if per_model is None:
+            return False, "; no measured cost yet: workers"
+        startup, how = self.stored.get("startup_seconds"), "measured"
+        if startup is None:
+            startup, how = STARTUP_ESTIMATE_S, "estimated"
+        models = sum(job.size for job in jobs)
+        here = models * per_model
+        there = startup + max(models / len(slots), max(job.size for job in jobs)) * per_model
+        chosen = here <= there
+        return chosen, (f"; measured cost: ~{here:.1f} s in this process, ~{there:.1f} s on "
+                        f"{len(slots)} workers ({per_model:.3f} s per model, {startup:.1f} s "
+                        f"start-up, {how}): {'this process' if chosen else 'workers'}")
+
+    def watch(self, on_event: EventFn | None) -> EventFn:
+        """`on_event` for run_jobs, noting when the first worker is ready."""
+        self._started = time.monotonic()
+
+        def event(kind: str, job_id: str, value: Any) -> None:
+            if kind == "worker" and self._first_worker is None:
+                self._first_worker = time.monotonic()
+            if on_event is not None:
+                on_event(kind, job_id, value)
+
+        return event
+
+    def record(self, jobs: Sequence[Job], outcomes: Sequence[JobOutcome]) -> None:
+        """Store what this run measured, if it ran on local CPUs (the caller holds the store
+        lock)."""
+        if not self._measured:
+            return
+        done = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome.ok]
+        models = sum(job.size for job, _ in done)
+        costs: dict[str, float] = {}
+        if models:
+            costs["model_seconds"] = sum(outcome.seconds for _, outcome in done) / models
+        if self._first_worker is not None and self._started is not None:
+            costs["startup_seconds"] = self._first_worker - self._started
+        if costs:
+            self.store.record_costs(self.key, machine(), costs)
 
 
 def set_threads(threads: int) -> int:

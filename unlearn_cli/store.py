@@ -189,6 +189,42 @@ class Store:
     def method_file(self, method: str) -> Path:
         return self.root / UNLEARNED / method_dir_name(method) / "method.json"
 
+    @property
+    def costs_file(self) -> Path:
+        return self.root / "launch-costs.json"
+
+    # measured costs of running jobs (launch.CostModel) ----------------------------
+    def read_costs(self, key: str, machine: Mapping[str, Any]) -> dict[str, float]:
+        """The costs last measured for `key` ("train-refs", "apply:finetune") on this machine:
+        {"model_seconds": s, "startup_seconds": s}, each present only if stored as a finite
+        number >= 0. Anything else (no file, a damaged file, another machine) is {}: the costs
+        only guide where jobs run, they never change a result."""
+        try:
+            record = json.loads(self.costs_file.read_text())
+            entry = record["costs"][key] if record.get("machine") == dict(machine) else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        if not isinstance(entry, dict):
+            return {}
+        return {name: float(value) for name, value in entry.items()
+                if name in ("model_seconds", "startup_seconds")
+                and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0}
+
+    def record_costs(self, key: str, machine: Mapping[str, Any],
+                     costs: Mapping[str, float]) -> None:
+        """Keep the costs just measured for `key` (replacing that key's; a record of another
+        machine, or a damaged one, is replaced whole). Caller holds the store lock."""
+        try:
+            record = json.loads(self.costs_file.read_text())
+            if not isinstance(record, dict) or record.get("machine") != dict(machine):
+                raise ValueError
+            book = dict(record["costs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            book = {}
+        book[key] = {**(book.get(key) if isinstance(book.get(key), dict) else {}), **costs}
+        atomic_write_json(self.costs_file, {"machine": dict(machine), "costs": book})
+
     # experiment identity -------------------------------------------------------
     def exists(self) -> bool:
         return self.experiment_file.is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, check_num_models
-from .launch import Job, JobOutcome, Lazy, plan, prestart, raise_failures, run_jobs
+from .launch import CostModel, Job, JobOutcome, Lazy, plan, prestart, raise_failures, run_jobs
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -153,27 +153,34 @@ def run(
         if on_plan is not None:
             # Reused reference models only: the original is not one (it was counted as one).
             on_plan(count, len(done & set(range(num_models))))
+        costs = CostModel(store, "train-refs")
+        inline, note = costs.decide(jobs, slots, launch.backend, inline)
         if on_event is not None and jobs:
             what = " and ".join(part for part in (
                 "the original" if need_original else "",
                 f"{len(missing)} reference model(s)" if missing else "") if part)
-            on_event("plan", "", f"training {what}: {describe_launch(jobs, slots, engine)}")
+            on_event("plan", "", f"training {what}: "
+                                 f"{describe_launch(jobs, slots, engine, inline=inline)}{note}")
         # Workers hand each finished model back; only this process writes the store.
         outcomes = run_jobs(jobs, slots, backend=launch.backend, address=launch.address,
                             shared=shared_inputs(cfg, split, store, spec), inline=inline,
                             on_result=lambda job_id, trained: store_trained(store, trained),
-                            on_event=on_event)
+                            on_event=costs.watch(on_event))
+        costs.record(jobs, outcomes)
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing,
                            sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
 
 
-def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None) -> str:
-    """`5 jobs on 2 CPU workers, 1 thread each (ensemble engine)`: how a run will be spread."""
+def describe_launch(jobs: list[Job], slots: list[Any], engine: str | None = None, *,
+                    inline: bool | None = None) -> str:
+    """`5 jobs on 2 CPU workers, 1 thread each (ensemble engine)`: how a run will be spread
+    (inline as passed to launch.run_jobs)."""
     kind = "GPU" if slots[0].gpu >= 0 else "CPU"
     threads = slots[0].threads
     engine_note = f" ({engine} engine)" if engine else ""
-    if len(slots) == 1 and kind == "CPU":  # launch.run_jobs runs these in this process
+    # launch.run_jobs runs these in this process (one CPU slot, unless told otherwise)
+    if inline or (inline is None and len(slots) == 1 and kind == "CPU"):
         return f"{len(jobs)} job(s) in this process, {threads} thread(s){engine_note}"
     return (f"{len(jobs)} job(s) on {len(slots)} {kind} worker(s), {threads} thread(s) each"
             + engine_note)
