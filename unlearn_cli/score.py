@@ -367,11 +367,20 @@ def klom_part(unl: dict[str, Any], refs: dict[str, Any], forget_y: np.ndarray,
     }
 
 
-def _seed_workers(exp: dict[str, Any]) -> int | None:
-    """Processes for the metrics' work (the epsilon engine, the seed metric's fits): the stored
-    launch.workers, None (one per core) if 0."""
+MAX_PROCESSES = 8  # processes (this one and helpers) for the metrics' work by default: each
+# helper imports numpy (and scikit-learn for the seed metric) and a method's few hundred chunks of
+# work would not keep more busy (a judgement, not measured beyond 2 cores)
+
+
+def _seed_workers(exp: dict[str, Any]) -> int:
+    """Processes for the metrics' work (the epsilon engine, the seed metric's fits, one pool of
+    helpers for both): the stored launch.workers, or one per core up to MAX_PROCESSES if 0."""
+    from . import helpers
+
     workers = exp.get("config", {}).get("launch", {}).get("workers", 0)
-    return int(workers) if isinstance(workers, int) and workers > 0 else None
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
+        return workers
+    return min(helpers.cores(), MAX_PROCESSES)
 
 
 def reading(ceiling: dict[str, Any]) -> str:
