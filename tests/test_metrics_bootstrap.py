@@ -283,3 +283,26 @@ def test_the_commands_default_resamples_are_the_metrics_default():
     assert option.default == metrics.DEFAULT_RESAMPLES
     assert inspect.signature(score.run).parameters["bootstrap"].default == metrics.DEFAULT_RESAMPLES
     assert metrics.DEFAULT_RESAMPLES == 50
+
+
+@pytest.mark.parametrize("fork_safe", [True, False])
+def test_forked_or_loky_helpers_give_the_same_values_and_none_outlive_the_block(
+        monkeypatch, fork_safe):
+    import multiprocessing
+
+    from unlearn_cli import helpers
+
+    monkeypatch.setattr(helpers, "_fork_is_safe", lambda: fork_safe)
+    monkeypatch.setattr(metrics, "_BATCH_VALUES", 10 * 16)  # 16 columns per chunk
+    rng = np.random.default_rng(8)
+    unlearned = np.round(rng.normal(0.0, 1.0, (10, 80)), 1)
+    retrained = rng.normal(0.3, 1.1, (10, 80))
+    alone = metrics.per_example_epsilons(unlearned, retrained)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with metrics.sharing_work(2):
+        used = helpers.pool(1)
+        assert (type(used).__name__ == "ProcessPoolExecutor") is fork_safe, type(used)
+        np.testing.assert_array_equal(metrics.per_example_epsilons(unlearned, retrained), alone)
+    if fork_safe:  # forked helpers end with the block
+        assert {p.pid for p in multiprocessing.active_children()} <= before
+        assert not helpers._FORKED

@@ -6,19 +6,29 @@ process works through the parts from the back while the helpers are handed parts
 (`share`). A helper still starting, slow or lost never makes a call slower than doing everything
 here by more than a short, bounded wait: a part a helper has not finished by then is done here.
 
-The helpers are loky processes (joblib's executor, installed with scikit-learn): started once,
-reused by later calls, replaced if one died, and ended after `IDLE_TIMEOUT_S` idle seconds or
-when this process exits. loky starts them without re-running the caller's main script, so scripts
-need no `if __name__ == "__main__"` guard.
+Where the helpers come from:
+- inside `forked(size)` (what `score` uses), on a platform with fork and while this process runs
+  no other thread: `size` processes forked from this one when the block starts, so they have
+  numpy and this package imported already and are ready in milliseconds (importing joblib and
+  starting loky's fresh interpreters cost a command about 0.7 s); ended when the block ends;
+- otherwise loky processes (joblib's executor, installed with scikit-learn): started once,
+  reused by later calls, replaced if one died, and ended after `IDLE_TIMEOUT_S` idle seconds or
+  when this process exits. loky starts them without re-running the caller's main script, so
+  scripts need no `if __name__ == "__main__"` guard. Forking while other threads run could copy
+  a lock one of them holds into the child, so then loky it is.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import multiprocessing
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 IDLE_TIMEOUT_S = 300  # an idle helper process exits after this many seconds
@@ -34,11 +44,68 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_FORKED: list[tuple[int, concurrent.futures.Executor]] = []  # the pools of open `forked` blocks
+STOP_TIMEOUT_S = 10.0  # a forked helper still running this long after its block ends is ended
+
+
 def pool(size: int) -> concurrent.futures.Executor:
-    """`size` helper processes, started once and reused (see the module doc)."""
+    """`size` helper processes (see the module doc): the pool of the innermost `forked` block
+    of that size if it still works, else loky's reusable pool."""
+    if _FORKED and _FORKED[-1][0] == size and not getattr(_FORKED[-1][1], "_broken", False):
+        return _FORKED[-1][1]
     from joblib.externals.loky import get_reusable_executor
 
     return get_reusable_executor(max_workers=size, timeout=IDLE_TIMEOUT_S)
+
+
+def _fork_is_safe() -> bool:
+    """Whether forking now copies no other thread's state: fork exists and no thread runs."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
+@contextlib.contextmanager
+def forked(size: int) -> Iterator[None]:
+    """Within the block, `pool(size)` is `size` processes forked from this one as the block
+    starts, when that is safe (`_fork_is_safe`); they are ended when it ends (a helper still
+    busy STOP_TIMEOUT_S later is terminated). Without helpers (size < 1), or when forking is
+    not safe, nothing changes."""
+    if size < 1 or not _fork_is_safe():
+        yield
+        return
+    executor = concurrent.futures.ProcessPoolExecutor(
+        max_workers=size, mp_context=multiprocessing.get_context("fork"),
+        initializer=_ignore_interrupts,
+    )
+    try:
+        executor.submit(int).result(timeout=STOP_TIMEOUT_S)  # fork them now, before any thread
+    except Exception:  # noqa: BLE001 - no forked helpers after all: loky's, as elsewhere
+        _stop(executor)
+        yield
+        return
+    _FORKED.append((size, executor))
+    try:
+        yield
+    finally:
+        _FORKED.remove((size, executor))
+        _stop(executor)
+
+
+def _ignore_interrupts() -> None:
+    """In a forked helper: Ctrl-C is for the command, which ends its helpers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop(executor: concurrent.futures.Executor) -> None:
+    """End a forked pool: idle helpers exit; one still busy STOP_TIMEOUT_S later is terminated
+    (its result is not needed any more)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=STOP_TIMEOUT_S)
 
 
 def share(

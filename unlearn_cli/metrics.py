@@ -1080,19 +1080,21 @@ _GRACE = 3.0  # wait for a helper's last chunks up to this many times the longes
 @contextlib.contextmanager
 def sharing_work(workers: int | None = None) -> Iterator[None]:
     """Within the block, batches of several chunks are shared with `workers - 1` helper
-    processes (`helpers.share`; default: one process per core). The values are the same (each
-    chunk is computed alike wherever it runs); only the time changes. Starts the helpers
-    without waiting, so that they import numpy while the caller reads its data."""
+    processes (`helpers.share`; default: one process per core), forked from this one as the
+    block starts where that is safe (`helpers.forked`), else loky's, started without waiting so
+    that they import numpy while the caller reads its data. The values are the same (each chunk
+    is computed alike wherever it runs); only the time changes."""
     global _SHARED_HELPERS
     count = (workers if workers is not None else helpers.cores()) - 1
     previous = _SHARED_HELPERS
-    if count >= 1:
-        helpers.pool(count).submit(_epsilon_table, 2, 2)  # imports this module there
-    _SHARED_HELPERS = max(0, count)
-    try:
-        yield
-    finally:
-        _SHARED_HELPERS = previous
+    with helpers.forked(count):  # processes forked now where safe (ready at once), else loky's
+        if count >= 1:
+            helpers.pool(count).submit(_epsilon_table, 2, 2)  # imports this module there
+        _SHARED_HELPERS = max(0, count)
+        try:
+            yield
+        finally:
+            _SHARED_HELPERS = previous
 
 
 def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:

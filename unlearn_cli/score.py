@@ -424,14 +424,14 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
     # Every model scored was made under the experiment's settings (the other methods' runs are
     # not read, so not checked here).
     store.check_identity(methods=chosen)
-    if metric in ("seed", "all"):
-        from . import attacks
-
-        if len(store.load_split()["forget"]) >= attacks.PARALLEL_MIN_EXAMPLES:
-            # Helper processes import scikit-learn while the banks are read and scored.
-            attacks.start_seed_helpers(workers)
     # Helper processes share the epsilon engine's work (the same processes as the seed's fits).
     with metrics.sharing_work(workers):
+        if metric in ("seed", "all"):
+            from . import attacks
+
+            if len(store.load_split()["forget"]) >= attacks.PARALLEL_MIN_EXAMPLES:
+                # The helpers import scikit-learn while the banks are read and scored.
+                attacks.start_seed_helpers(workers)
         # The reference bank is the same for every method: read its outputs once.
         references = _bank(store, REFERENCE, store.done_seeds(REFERENCE))
         cache: dict = {}  # shared work across methods (the ceiling's splits)
