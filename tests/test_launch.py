@@ -252,17 +252,12 @@ def test_a_refused_command_leaves_no_fork_server_behind(trained_store, tmp_path)
 # ------------------------------------------------------------ where jobs run: the cost model
 
 
-class _CostStore:
-    """The two Store methods CostModel uses, over a real store folder."""
+def _cost_store(root):
+    from unlearn_cli.store import Store
 
-    def __init__(self, root):
-        from unlearn_cli.store import Store
-
-        self.store = Store(root)
-        self.store.root.mkdir(parents=True, exist_ok=True)
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
+    store = Store(root)
+    store.root.mkdir(parents=True, exist_ok=True)
+    return store
 
 
 def _cpu_slots(n):
@@ -274,7 +269,7 @@ def _sized_jobs(sizes):
 
 
 def test_the_cost_model_weighs_measured_work_against_worker_start_up(tmp_path):
-    store = _CostStore(tmp_path / "s")
+    store = _cost_store(tmp_path / "s")
     slots = _cpu_slots(2)
     # Nothing measured yet: workers, and the plan says why.
     inline, note = launch.CostModel(store, "apply:x").decide(_sized_jobs([5, 5]), slots,
@@ -287,42 +282,59 @@ def test_the_cost_model_weighs_measured_work_against_worker_start_up(tmp_path):
     inline, note = costs.decide(_sized_jobs([1, 1]), slots, "local", None)
     assert inline is True, note
     assert "~0.1 s in this process, ~0.5 s on 2 workers" in note and "measured" in note
+    assert costs.stays_here([1, 1], 2) and not costs.stays_here([50, 50], 2)
     # 100 runs: 5 s here against 0.4 + 2.5 s -> workers
     inline, note = costs.decide(_sized_jobs([50, 50]), slots, "local", None)
     assert inline is False and note.endswith(": workers"), note
     # One job holding every run gains nothing from a second worker.
     assert costs.decide(_sized_jobs([100]), slots, "local", None)[0] is True
-    # The caller's choice, Ray, GPUs and one slot are left alone.
+    # The caller's choice, Ray, GPUs, one slot and user code are left alone.
     assert costs.decide(_sized_jobs([1, 1]), slots, "local", False) == (False, "")
     assert costs.decide(_sized_jobs([1, 1]), slots, "ray", None) == (None, "")
     gpu = [Slot("cuda:0", {}, 1, f"gpu0#{k}", gpu=0) for k in range(2)]
     assert costs.decide(_sized_jobs([1, 1]), gpu, "local", None) == (None, "")
     assert costs.decide(_sized_jobs([1]), _cpu_slots(1), "local", None) == (None, "")
+    plugin = launch.CostModel(store, "apply:x", enabled=False)
+    assert plugin.decide(_sized_jobs([1, 1]), slots, "local", None) == (None, "")
+    assert not plugin.stays_here([1, 1], 2)
+    assert launch.user_code("my.py:m", "mlp") and launch.user_code(None, "nets.py:build")
+    assert not launch.user_code("finetune", "torchvision:resnet18")
+
+
+def test_a_slow_measured_start_up_counts_for_at_most_the_cap(tmp_path):
+    store = _cost_store(tmp_path / "s")
+    store.record_costs("k", launch.machine(), {"model_seconds": 0.1, "startup_seconds": 60.0})
+    # 40 models: 4 s here; on 2 workers 3 s (capped) + 2 s = 5 s -> here; uncapped it would
+    # stay here up to 1,200 models, and the start-up would never be measured again.
+    costs = launch.CostModel(store, "k")
+    inline, note = costs.decide(_sized_jobs([20, 20]), _cpu_slots(2), "local", None)
+    assert inline is True and "3.0 s start-up, measured, counted as at most this" in note
+    assert costs.decide(_sized_jobs([50, 50]), _cpu_slots(2), "local", None)[0] is False
 
 
 @pytest.mark.parametrize("text", [
-    "not json", "[]", '{"machine": 1, "costs": {}}',
+    "not json", "[]", '{"machine": 1, "costs": {}}', "[" * 100_000 + "]" * 100_000,
     '{"machine": {"host": "elsewhere", "cpus": 64}, "costs": {"k": {"model_seconds": 1}}}',
 ])
 def test_unreadable_or_foreign_costs_are_ignored_and_replaced(tmp_path, text):
-    store = _CostStore(tmp_path / "s")
+    store = _cost_store(tmp_path / "s")
     store.costs_file.write_text(text)
     assert store.read_costs("k", launch.machine()) == {}
     store.record_costs("k", launch.machine(), {"model_seconds": 0.5})
     assert store.read_costs("k", launch.machine()) == {"model_seconds": 0.5}
 
 
-def test_costs_that_are_not_finite_non_negative_numbers_are_dropped(tmp_path):
+@pytest.mark.parametrize("value", ["NaN", "-1", "1e308", "true", "1" + "0" * 400, '"3"'])
+def test_costs_that_are_not_plausible_seconds_are_dropped(tmp_path, value):
     import json
 
-    store = _CostStore(tmp_path / "s")
-    entry = {"model_seconds": -1, "startup_seconds": True, "other": 3}
-    store.costs_file.write_text(json.dumps({"machine": launch.machine(), "costs": {"k": entry}})
-                                .replace("-1", "NaN"))
-    assert store.read_costs("k", launch.machine()) == {}
-    store.record_costs("k", launch.machine(), {"startup_seconds": 0.3})
+    store = _cost_store(tmp_path / "s")
+    text = json.dumps({"machine": launch.machine(),
+                       "costs": {"k": {"model_seconds": "VALUE", "startup_seconds": 0.2}}})
+    store.costs_file.write_text(text.replace('"VALUE"', value))
+    assert store.read_costs("k", launch.machine()) in ({}, {"startup_seconds": 0.2})
+    assert "model_seconds" not in store.read_costs("k", launch.machine())
     store.record_costs("j", launch.machine(), {"model_seconds": 2.0})
-    assert store.read_costs("k", launch.machine()) == {"startup_seconds": 0.3}
     assert store.read_costs("j", launch.machine()) == {"model_seconds": 2.0}
 
 
@@ -332,20 +344,26 @@ def test_a_run_on_workers_records_its_costs_and_a_small_top_up_runs_here(tmp_pat
     from unlearn_cli import apply, train_refs
     from unlearn_cli.config import load_config
 
-    cfg = load_config(None, [*FAST, "launch.workers=2"])
     root = tmp_path / "s"
-    train_refs.run(cfg, root, num_models=3)
+    train_refs.run(load_config(None, FAST), root, num_models=2)  # one slot: nothing recorded
+    store = _cost_store(root)
+    assert store.read_costs("train-refs", launch.machine()) == {}
+    cfg = load_config(None, [*FAST, "launch.workers=2"])
+    train_refs.run(cfg, root, num_models=4)
     apply.run(cfg, root, method_spec="none", num_models=4)
-    store = _CostStore(root)
     for key in ("train-refs", "apply:none"):
         costs = store.read_costs(key, launch.machine())
         assert costs["model_seconds"] > 0 and costs["startup_seconds"] > 0, (key, costs)
-    # Workers as slow to start as this says: the 2 runs of the top-up stay in this process.
-    store.record_costs("apply:none", launch.machine(), {"startup_seconds": 60.0})
+    # Runs so cheap against starting workers: the 2 runs of the top-up stay in this process.
+    store.record_costs("apply:none", launch.machine(),
+                       {"model_seconds": 1e-4, "startup_seconds": 2.0})
     plans = []
     result = apply.run(cfg, root, method_spec="none", num_models=6,
                        on_event=lambda kind, job_id, value:
                        plans.append(value) if kind == "plan" else None)
     assert len(plans) == 1 and plans[0].endswith(": this process"), plans
-    assert "job(s) in this process" in plans[0] and "60.0 s start-up, measured" in plans[0]
+    assert "job(s) in this process" in plans[0] and "2.0 s start-up, measured" in plans[0]
     assert len(result.trained) == 2 and store.done_seeds("unlearned", "none")[-1] == 1_000_005
+    # ... and, having run in this process, it measured nothing new.
+    assert store.read_costs("apply:none", launch.machine()) == {"model_seconds": 1e-4,
+                                                               "startup_seconds": 2.0}

@@ -218,9 +218,9 @@ def test_sharing_the_engine_with_helper_processes_changes_no_value(monkeypatch):
     alone = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
     monkeypatch.setattr(metrics, "_BATCH_VALUES", 12 * 16)  # 16 columns per chunk: 12 chunks
     with metrics.sharing_work(2):
-        assert metrics._SHARED_HELPERS == 1
+        assert metrics._SHARED_HELPERS.get() == 1
         shared = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
-    assert metrics._SHARED_HELPERS == 0  # restored after the block
+    assert metrics._SHARED_HELPERS.get() == 0  # restored after the block
     np.testing.assert_array_equal(shared, alone)
     monkeypatch.setattr(metrics.helpers, "pool", lambda size: _LostHelpers())
     with metrics.sharing_work(3):
@@ -270,7 +270,7 @@ def test_sharing_with_one_process_starts_no_helper(monkeypatch):
 
     monkeypatch.setattr(metrics.helpers, "pool", refuse)
     with metrics.sharing_work(1):
-        assert metrics._SHARED_HELPERS == 0
+        assert metrics._SHARED_HELPERS.get() == 0
         metrics.per_example_epsilons(np.zeros((4, 3)), np.ones((4, 3)))
 
 
@@ -306,3 +306,31 @@ def test_forked_or_loky_helpers_give_the_same_values_and_none_outlive_the_block(
     if fork_safe:  # forked helpers end with the block
         assert {p.pid for p in multiprocessing.active_children()} <= before
         assert not helpers._FORKED
+
+
+@pytest.mark.parametrize("fork_safe", [True, False])
+def test_helpers_take_parts_from_the_front_and_each_comes_back_in_its_place(monkeypatch,
+                                                                            fork_safe):
+    import os
+    import time
+
+    from unlearn_cli import helpers
+
+    monkeypatch.setattr(helpers, "_fork_is_safe", lambda: fork_safe)
+
+    def here(i):
+        time.sleep(0.05)  # slow enough here for the helper to take its share
+        return (i, os.getpid())
+
+    with helpers.forked(1):
+        helpers.pool(1).submit(int).result(timeout=120)  # started and ready
+        results = helpers.share(12, here, lambda i: (_part_with_pid, (i,)), helpers=1, grace=3)
+    assert [i for i, _ in results] == list(range(12))
+    by_helper = [i for i, pid in results if pid != os.getpid()]
+    assert by_helper and by_helper == list(range(len(by_helper)))  # from the front
+
+
+def _part_with_pid(i):
+    import os
+
+    return (i, os.getpid())

@@ -22,6 +22,7 @@ from .launch import (
     prestart,
     raise_failures,
     run_jobs,
+    user_code,
 )
 from .methods import (
     Interrupts,
@@ -102,7 +103,12 @@ def run(
     # Workers fork from a server that imports torch now, beside this process's own imports and
     # checks (a refusal below costs only that server's start, in the background).
     stored = set(store.done_seeds(UNLEARNED, method_spec))
-    prestart(cfg.launch, num_jobs=sum(unlearn_seed(i) not in stored for i in range(n)))
+    costs = CostModel(store, f"apply:{method_spec}",
+                      enabled=not user_code(method_spec, cfg.model.arch))
+    todo = [unlearn_seed(i) for i in range(n) if unlearn_seed(i) not in stored]
+    sizes = [len(chunk) for chunk in _chunks(todo, cfg.launch.chunk_size, 1, "ensemble")]
+    prestart(cfg.launch, num_jobs=len(todo),
+             stays_here=lambda slots: costs.stays_here(sizes, slots))
     store.check_compatible(cfg)
     store.check_identity()
     params = method_params(method, cfg)
@@ -138,7 +144,6 @@ def run(
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
-        costs = CostModel(store, f"apply:{method_spec}")
         inline, note = costs.decide(jobs, slots, launch.backend, inline)
         if on_event is not None and jobs:
             from .train_refs import describe_launch

@@ -72,22 +72,24 @@ def forked(size: int) -> Iterator[None]:
     if size < 1 or not _fork_is_safe():
         yield
         return
-    executor = concurrent.futures.ProcessPoolExecutor(
-        max_workers=size, mp_context=multiprocessing.get_context("fork"),
-        initializer=_ignore_interrupts,
-    )
+    executor: concurrent.futures.ProcessPoolExecutor | None = None
     try:
+        executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=size, mp_context=multiprocessing.get_context("fork"),
+            initializer=_ignore_interrupts,
+        )
         executor.submit(int).result(timeout=STOP_TIMEOUT_S)  # fork them now, before any thread
+        _FORKED.append((size, executor))
     except Exception:  # noqa: BLE001 - no forked helpers after all: loky's, as elsewhere
-        _stop(executor)
-        yield
-        return
-    _FORKED.append((size, executor))
+        if executor is not None:
+            _stop(executor)
+        executor = None
     try:
         yield
     finally:
-        _FORKED.remove((size, executor))
-        _stop(executor)
+        if executor is not None:
+            _FORKED.remove((size, executor))
+            _stop(executor)
 
 
 def _ignore_interrupts() -> None:
@@ -122,14 +124,18 @@ def share(
     This process computes part i with `run_here(i)`, from the last part down; helpers are
     handed parts from the first up, `in_flight` at a time each, as `fn(*args)` for
     `(fn, args) = task(i)` (fn must be importable by name, args picklable). When this process
-    runs out of parts, each handed part not yet back is waited for at most `grace` times the
-    longest part computed here (a helper finishing it soon), then computed here; a helper's
+    runs out of parts, handed parts no helper has started are taken back and computed here, and
+    those running are waited for until one deadline, `grace` times the longest part computed
+    here (parts of about equal size keep that meaningful), then computed here; a helper's
     failure (a crash, a killed process) is the same as not finishing. Deterministic parts give
     the same results whoever computes them.
     """
     if helpers < 1 or num_parts < 2:
         return [run_here(i) for i in range(num_parts)]
-    executor = pool(helpers)
+    try:
+        executor = pool(helpers)
+    except Exception:  # noqa: BLE001 - no helper process can start here: all of it here
+        return [run_here(i) for i in range(num_parts)]
     results: list[Any] = [None] * num_parts
     handed: dict[int, concurrent.futures.Future] = {}
     todo = collections.deque(range(num_parts))
@@ -139,16 +145,26 @@ def share(
         while busy < helpers * in_flight and len(todo) > 1:
             i = todo.popleft()
             fn, args = task(i)
-            handed[i] = executor.submit(fn, *args)
+            try:
+                handed[i] = executor.submit(fn, *args)
+            except Exception:  # noqa: BLE001 - a broken pool: this part is done here
+                todo.appendleft(i)
+                break
             busy += 1
         i = todo.pop()
         start = time.perf_counter()
         results[i] = run_here(i)
         longest = max(longest, time.perf_counter() - start)
+    # Parts no helper has started are taken back now; those running get one shared deadline.
+    late = [i for i, future in handed.items() if future.cancel()]
+    deadline = time.monotonic() + grace * longest
     for i, future in handed.items():
+        if i in late:
+            continue
         try:
-            results[i] = future.result(timeout=grace * longest)
-        except Exception:  # noqa: BLE001 - not back in time, cancelled, or the helper failed
-            future.cancel()
-            results[i] = run_here(i)
+            results[i] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - not back in time, or the helper failed
+            late.append(i)
+    for i in late:
+        results[i] = run_here(i)
     return results

@@ -180,20 +180,24 @@ def plan(launch: Any, *, num_jobs: int) -> list[Slot]:
                       num_jobs=num_jobs, threads=launch.threads)
 
 
-def prestart(launch: Any, *, num_jobs: int) -> None:
+def prestart(launch: Any, *, num_jobs: int,
+             stays_here: Callable[[int], bool] | None = None) -> None:
     """Start the local backend's fork server now, in the background, when this command will
     start local workers (not when its jobs run in this process, nor on Ray): its torch import
     then overlaps the command's own imports and checks. Call it once the command knows it has
-    work; it costs nothing to call when the workers are not needed after all."""
+    work; it costs nothing to call when the workers are not needed after all. stays_here(slots):
+    whether the measured costs (`CostModel.stays_here`) will keep the jobs in this process."""
     if launch.backend != "local" or num_jobs < 1:
         return
     # Guessed without counting GPUs (that would import torch here first): on a CPU, one slot
     # means the jobs run in this process; with --device auto and one slot it may be a GPU, whose
     # worker then starts the server itself.
-    threads = max(1, min(int(launch.threads), cpu_count()))
-    slots = min(num_jobs, launch.workers if launch.workers > 0 else max(1, cpu_count() // threads))
+    slots = guess_slots(launch, num_jobs=num_jobs)
     if slots <= 1 and not str(launch.device).strip().lower().startswith("cuda"):
         return
+    if stays_here is not None and not str(launch.device).strip().lower().startswith("cuda") \
+            and stays_here(slots):
+        return  # the measured costs keep these jobs in this process (CostModel)
     from .launch_local import prestart as start_server
 
     start_server()
@@ -327,6 +331,9 @@ def run_jobs(
 # Local workers' start-up until one was measured on this machine with this store (an estimate:
 # from a warm fork server a worker was ready in ~0.1-0.3 s here, from a cold one in ~2 s).
 STARTUP_ESTIMATE_S = 1.0
+# A measured start-up counts for at most this: a slow one (a loaded moment) would otherwise keep
+# later runs in the command's process, where it is never measured again.
+STARTUP_CAP_S = 3.0
 
 
 def machine() -> dict[str, Any]:
@@ -334,48 +341,73 @@ def machine() -> dict[str, Any]:
     return {"host": platform.node(), "cpus": cpu_count()}
 
 
+def user_code(method_spec: str | None, arch: str) -> bool:
+    """Whether a run executes a user's plugin (a method or a model builder, `file.py:fn`)."""
+    plugin_arch = ":" in arch and not arch.startswith("torchvision:")  # as models.is_plugin
+    return plugin_arch or (method_spec is not None and ":" in method_spec)
+
+
 class CostModel:
     """Where a command's jobs run on the local backend: in this process or on workers.
 
     From costs measured by the same command on this machine (`Store.record_costs`, under a key
-    such as "train-refs" or "apply:finetune"): in this process the jobs take W = models x the
-    seconds per model they took last time; on n workers, the workers' start-up (measured: from
-    the launch to the first worker ready) plus the busiest worker's share, max(W / n, the
-    largest job). The smaller wins. With no measured seconds per model (a first run), workers:
-    there is nothing to estimate from, and most runs are large. Never used on Ray, on GPUs, or
-    when the caller chose (`inline`); one CPU slot runs in this process anyway (`run_jobs`).
-    Where jobs run never changes a result (the same jobs, threads and seeds either way).
+    such as "train-refs" or "apply:finetune", by the last run that used workers): in this
+    process the jobs take W = models x the seconds per model they took then; on n workers, the
+    workers' start-up (measured from the launch to the first worker ready, counted at most
+    STARTUP_CAP_S) plus the busiest worker's share, max(W / n, the largest job). The smaller
+    wins. Workers when nothing was measured yet (there is nothing to estimate from, and most runs
+    are large), for user code (a plugin method or model that crashes the process is retried on
+    a worker; in the command's process it would end the command), on Ray, on GPUs, and when the
+    caller chose (`inline`); one CPU slot runs in this process anyway (`run_jobs`). Where jobs
+    run never changes a result: the same jobs, threads and seeds either way.
     """
 
-    def __init__(self, store: Any, key: str) -> None:
-        self.store, self.key = store, key
-        self.stored = store.read_costs(key, machine())
+    def __init__(self, store: Any, key: str, *, enabled: bool = True) -> None:
+        self.store, self.key, self.enabled = store, key, enabled
+        self.stored = store.read_costs(key, machine()) if enabled else {}
         self._started: float | None = None
         self._first_worker: float | None = None
-        self._measured = False
+        self._on_workers = False  # decided: local CPU workers (then this run is measured)
+
+    def estimate(self, sizes: Sequence[int], num_slots: int) -> tuple[float, float, str] | None:
+        """(seconds in this process, seconds on num_slots workers, how start-up was known) for
+        jobs of these sizes (models each), or None without a measured cost per model."""
+        per_model = self.stored.get("model_seconds")
+        if per_model is None or not sizes or num_slots < 2:
+            return None
+        startup, how = self.stored.get("startup_seconds"), "measured"
+        if startup is None:
+            startup, how = STARTUP_ESTIMATE_S, "estimated"
+        elif startup > STARTUP_CAP_S:
+            startup, how = STARTUP_CAP_S, "measured, counted as at most this"
+        models = sum(sizes)
+        here = models * per_model
+        there = startup + max(models / num_slots, max(sizes)) * per_model
+        return here, there, f"{per_model:.3f} s per model, {startup:.1f} s start-up, {how}"
+
+    def stays_here(self, sizes: Sequence[int], num_slots: int) -> bool:
+        """Whether jobs of these sizes on num_slots CPU slots are estimated faster here."""
+        if not self.enabled:
+            return False
+        estimate = self.estimate(sizes, num_slots)
+        return estimate is not None and estimate[0] <= estimate[1]
 
     def decide(self, jobs: Sequence[Job], slots: Sequence[Slot], backend: str,
                inline: bool | None) -> tuple[bool | None, str]:
         """(inline for `run_jobs`, a note for the plan line, "" when the model was not used)."""
-        # Costs are measured for, and used on, local CPU runs only (`record`).
-        self._measured = backend == "local" and bool(slots) and slots[0].device == "cpu"
-        if inline is not None or backend != "local" or not jobs or len(slots) < 2:
+        local_cpu = backend == "local" and bool(slots) and slots[0].device == "cpu"
+        if not (self.enabled and local_cpu and jobs and len(slots) > 1 and inline is None):
+            self._on_workers = local_cpu and inline is False and bool(jobs)
             return inline, ""
-        if slots[0].device != "cpu":
-            return None, ""
-        per_model = self.stored.get("model_seconds")
-        if per_model is None:
+        estimate = self.estimate([job.size for job in jobs], len(slots))
+        if estimate is None:
+            self._on_workers = True
             return False, "; no measured cost yet: workers"
-        startup, how = self.stored.get("startup_seconds"), "measured"
-        if startup is None:
-            startup, how = STARTUP_ESTIMATE_S, "estimated"
-        models = sum(job.size for job in jobs)
-        here = models * per_model
-        there = startup + max(models / len(slots), max(job.size for job in jobs)) * per_model
+        here, there, how = estimate
         chosen = here <= there
+        self._on_workers = not chosen
         return chosen, (f"; measured cost: ~{here:.1f} s in this process, ~{there:.1f} s on "
-                        f"{len(slots)} workers ({per_model:.3f} s per model, {startup:.1f} s "
-                        f"start-up, {how}): {'this process' if chosen else 'workers'}")
+                        f"{len(slots)} workers ({how}): {'this process' if chosen else 'workers'}")
 
     def watch(self, on_event: EventFn | None) -> EventFn:
         """`on_event` for run_jobs, noting when the first worker is ready."""
@@ -389,12 +421,14 @@ class CostModel:
 
         return event
 
-    def record(self, jobs: Sequence[Job], outcomes: Sequence[JobOutcome]) -> None:
-        """Store what this run measured, if it ran on local CPUs (the caller holds the store
-        lock)."""
-        if not self._measured:
+    def record(self, jobs: Sequence[Job], outcomes: Sequence[JobOutcome],
+               counted: Callable[[Job], bool] = lambda job: True) -> None:
+        """Store what this run measured, if it ran on local CPU workers (the caller holds the
+        store lock); seconds per model over the finished `counted` jobs."""
+        if not (self.enabled and self._on_workers):
             return
-        done = [(job, outcome) for job, outcome in zip(jobs, outcomes) if outcome.ok]
+        done = [(job, outcome) for job, outcome in zip(jobs, outcomes)
+                if outcome.ok and counted(job)]
         models = sum(job.size for job, _ in done)
         costs: dict[str, float] = {}
         if models:
@@ -403,6 +437,12 @@ class CostModel:
             costs["startup_seconds"] = self._first_worker - self._started
         if costs:
             self.store.record_costs(self.key, machine(), costs)
+
+
+def guess_slots(launch: Any, *, num_jobs: int) -> int:
+    """CPU slots `plan` will give, guessed without counting GPUs (which imports torch)."""
+    threads = max(1, min(int(launch.threads), cpu_count()))
+    return min(num_jobs, launch.workers if launch.workers > 0 else max(1, cpu_count() // threads))
 
 
 def set_threads(threads: int) -> int:

@@ -34,6 +34,7 @@ Where a last-bit difference could change a reported number, and why it cannot: R
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import math
 import os
@@ -1030,19 +1031,21 @@ def _epsilons_batched(unlearned_rows: np.ndarray, retrained_rows: np.ndarray) ->
     _epsilon_table(n, n)  # build the table once, before any thread asks for it
     chunk = max(16, _BATCH_VALUES // n)
     starts = range(0, num_cols, chunk)
-    if _SHARED_HELPERS and len(starts) > 1:  # inside `sharing_work`: helper processes
+    shared_with = _SHARED_HELPERS.get()
+    if shared_with and len(starts) > 1:  # inside `sharing_work`: helper processes
+        # Chunks of equal size (to one column): how long one takes here says how long to wait
+        # for a helper's (`helpers.share`).
+        edges = np.linspace(0, num_cols, len(starts) + 1).round().astype(int)
         u, r = unlearned_rows, retrained_rows
         parts = helpers.share(
             len(starts),
-            lambda k: _epsilons_chunk(u[starts[k] : starts[k] + chunk],
-                                      r[starts[k] : starts[k] + chunk]),
-            lambda k: (_epsilons_chunk, (u[starts[k] : starts[k] + chunk],
-                                         r[starts[k] : starts[k] + chunk])),
-            helpers=_SHARED_HELPERS,
+            lambda k: _epsilons_chunk(u[edges[k] : edges[k + 1]], r[edges[k] : edges[k + 1]]),
+            lambda k: (_epsilons_chunk, (u[edges[k] : edges[k + 1]], r[edges[k] : edges[k + 1]])),
+            helpers=shared_with,
             in_flight=_IN_FLIGHT,
             grace=_GRACE,
         )
-        return np.concatenate(parts) if parts else out
+        return np.concatenate(parts)
 
     def work(lo: int) -> None:
         out[lo : lo + chunk] = _epsilons_chunk(
@@ -1072,7 +1075,8 @@ def _worker_threads() -> int:
 _MAX_THREADS = 4
 # Helper processes (`sharing_work`): threads share the GIL between the engine's many small array
 # operations (2 threads ran a bootstrap 1.45x faster than 1 here), processes do not (1.9x).
-_SHARED_HELPERS = 0  # helper processes `_epsilons_batched` shares its chunks with; 0: none
+# Helper processes `_epsilons_batched` shares its chunks with, 0: none (per thread and task).
+_SHARED_HELPERS: contextvars.ContextVar[int] = contextvars.ContextVar("shared_helpers", default=0)
 _IN_FLIGHT = 3  # chunks handed to each helper at once: one to work on, two waiting
 _GRACE = 3.0  # wait for a helper's last chunks up to this many times the longest chunk here
 
@@ -1084,17 +1088,18 @@ def sharing_work(workers: int | None = None) -> Iterator[None]:
     block starts where that is safe (`helpers.forked`), else loky's, started without waiting so
     that they import numpy while the caller reads its data. The values are the same (each chunk
     is computed alike wherever it runs); only the time changes."""
-    global _SHARED_HELPERS
     count = (workers if workers is not None else helpers.cores()) - 1
-    previous = _SHARED_HELPERS
     with helpers.forked(count):  # processes forked now where safe (ready at once), else loky's
         if count >= 1:
-            helpers.pool(count).submit(_epsilon_table, 2, 2)  # imports this module there
-        _SHARED_HELPERS = max(0, count)
+            try:
+                helpers.pool(count).submit(_epsilon_table, 2, 2)  # imports this module there
+            except Exception:  # noqa: BLE001 - no helper can start here: threads, as outside
+                count = 0
+        token = _SHARED_HELPERS.set(max(0, count))
         try:
             yield
         finally:
-            _SHARED_HELPERS = previous
+            _SHARED_HELPERS.reset(token)
 
 
 def _epsilons_chunk(u: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -1385,8 +1390,8 @@ def calibrated_ceiling(
 
 
 # Resamples of the bootstrap interval by default. The interval is F +- z * (sd of the resampled
-# F), a standard-error interval, and a standard error needs few resamples: the relative error of
-# the estimated sd is about 1 / sqrt(2 (B - 1)), 10% at B = 50 against 7% at B = 100 (Efron and
+# F), a standard-error interval, and a standard error needs few resamples: the estimated sd has a
+# relative sd of about 1 / sqrt(2 (B - 1)), 10% at B = 50 against 7% at B = 100 (Efron and
 # Tibshirani's "An Introduction to the Bootstrap", 1993, sec. 6.4, find 50 often enough and
 # rarely more than 200 needed). Coverage was the same with 40 resamples (see below) and is
 # printed side by side for 50 and 100 by benchmarks/bench_metrics.py; half the resamples halve
@@ -1425,8 +1430,8 @@ def bootstrap_forget_quality(
     synthetic and on the golden digits banks.
 
     Cost: num_resamples F's, batched: about 4x less CPU than one F at a time (see the README,
-    Benchmarks); the interval's ends move by ~0.1 sd of F between two seeds at 100 resamples
-    (~0.14 sd at the default 50).
+    Benchmarks). Between two seeds each end of the interval moves with an sd of about
+    1.96 / sqrt(2 (B - 1)) sd of F: 0.20 at the default B = 50, 0.14 at 100.
     `official_scores` gives the same interval with the point estimate in the same pass.
 
     The resamples: `_bootstrap_rows(N, num_resamples, seed)`, one `numpy.random.default_rng(seed)`

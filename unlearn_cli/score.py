@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import helpers, metrics
 from .errors import StoreError, UnlearnError
 from .store import ORIGINAL, REFERENCE, UNLEARNED, Store, now, versions
 
@@ -260,7 +260,7 @@ def score_method(store: Store, method: str, *, metric: str = "official",
         }
     if metric in ("seed", "all"):
         report["seed_metric"] = seed_part(unl, refs, forget_y, test_y,
-                                          workers=_seed_workers(exp))
+                                          workers=_workers(exp))
     if metric in ("seed-converged", "all"):
         report["seed_converged"] = seed_part(unl, refs, forget_y, test_y, converged=True)
     if metric in ("lira", "all"):
@@ -372,14 +372,13 @@ MAX_PROCESSES = 8  # processes (this one and helpers) for the metrics' work by d
 # work would not keep more busy (a judgement, not measured beyond 2 cores)
 
 
-def _seed_workers(exp: dict[str, Any]) -> int:
+def _workers(exp: dict[str, Any]) -> int:
     """Processes for the metrics' work (the epsilon engine, the seed metric's fits, one pool of
-    helpers for both): the stored launch.workers, or one per core up to MAX_PROCESSES if 0."""
-    from . import helpers
-
+    helpers for both): the stored launch.workers, or one per core up to MAX_PROCESSES if 0;
+    never more than the cores (more would only take turns)."""
     workers = exp.get("config", {}).get("launch", {}).get("workers", 0)
     if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
-        return workers
+        return min(workers, helpers.cores())
     return min(helpers.cores(), MAX_PROCESSES)
 
 
@@ -411,7 +410,7 @@ def run(store_root: str | Path, *, methods: Sequence[str] | None = None, metric:
         raise UnlearnError(f"--metric {metric!r} is not known; expected one of: "
                            f"{', '.join(METRICS)}")
     store = Store(store_root)
-    workers = _seed_workers(store.read_experiment())  # first: a missing store says so
+    workers = _workers(store.read_experiment())  # first: a missing store says so
     if methods:
         chosen = list(methods)
     else:

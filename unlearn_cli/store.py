@@ -71,6 +71,7 @@ OUTPUTS = {
     "retain_loss": ("retain", False, "f"),  # float [R], cross-entropy
     "retain_correct": ("retain", False, "b"),  # bool [R]
 }
+MAX_COST_SECONDS = 86_400.0  # launch-costs.json: larger values are not believed
 
 
 def default_store(cfg: Config) -> Path:
@@ -190,7 +191,7 @@ class Store:
         return self.root / UNLEARNED / method_dir_name(method) / "method.json"
 
     @property
-    def costs_file(self) -> Path:
+    def costs_file(self) -> Path:  # launch.CostModel's measurements
         return self.root / "launch-costs.json"
 
     # measured costs of running jobs (launch.CostModel) ----------------------------
@@ -202,14 +203,17 @@ class Store:
         try:
             record = json.loads(self.costs_file.read_text())
             entry = record["costs"][key] if record.get("machine") == dict(machine) else {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            if not isinstance(entry, dict):
+                return {}
+            costs = {name: float(value) for name, value in entry.items()
+                     if name in ("model_seconds", "startup_seconds")
+                     and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                RecursionError):
             return {}
-        if not isinstance(entry, dict):
-            return {}
-        return {name: float(value) for name, value in entry.items()
-                if name in ("model_seconds", "startup_seconds")
-                and isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value) and value >= 0}
+        # A day per model or more is no measurement of this tool's jobs.
+        return {name: value for name, value in costs.items()
+                if math.isfinite(value) and 0 <= value < MAX_COST_SECONDS}
 
     def record_costs(self, key: str, machine: Mapping[str, Any],
                      costs: Mapping[str, float]) -> None:
@@ -220,7 +224,7 @@ class Store:
             if not isinstance(record, dict) or record.get("machine") != dict(machine):
                 raise ValueError
             book = dict(record["costs"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             book = {}
         book[key] = {**(book.get(key) if isinstance(book.get(key), dict) else {}), **costs}
         atomic_write_json(self.costs_file, {"machine": dict(machine), "costs": book})

@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, check_num_models
-from .launch import CostModel, Job, JobOutcome, Lazy, plan, prestart, raise_failures, run_jobs
+from .launch import (
+    CostModel,
+    Job,
+    JobOutcome,
+    Lazy,
+    plan,
+    prestart,
+    raise_failures,
+    run_jobs,
+    user_code,
+)
 from .store import ORIGINAL, REFERENCE, Store
 
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
@@ -110,7 +120,10 @@ def run(
     stored = set(store.done_seeds(REFERENCE)) if exp else set()
     missing = [s for s in range(num_models) if s not in stored]
     jobs = _chunks(missing, cfg.launch.chunk_size, 1, choose_engine(cfg, "cpu"))
-    prestart(cfg.launch, num_jobs=len(jobs) + int(not (exp and store.is_done(ORIGINAL))))
+    costs = CostModel(store, "train-refs", enabled=not user_code(None, cfg.model.arch))
+    sizes = [len(job) for job in jobs] + [1] * int(not (exp and store.is_done(ORIGINAL)))
+    prestart(cfg.launch, num_jobs=len(sizes),
+             stays_here=lambda slots: costs.stays_here(sizes, slots))
     dataset, spec = load_checked(cfg, store, exp)
     split = prepare_split(cfg, dataset)
     with store.writing():
@@ -153,7 +166,6 @@ def run(
         if on_plan is not None:
             # Reused reference models only: the original is not one (it was counted as one).
             on_plan(count, len(done & set(range(num_models))))
-        costs = CostModel(store, "train-refs")
         inline, note = costs.decide(jobs, slots, launch.backend, inline)
         if on_event is not None and jobs:
             what = " and ".join(part for part in (
@@ -166,7 +178,7 @@ def run(
                             shared=shared_inputs(cfg, split, store, spec), inline=inline,
                             on_result=lambda job_id, trained: store_trained(store, trained),
                             on_event=costs.watch(on_event))
-        costs.record(jobs, outcomes)
+        costs.record(jobs, outcomes, counted=lambda job: job.id != "original")
     raise_failures(outcomes, what="training", kept="the other models are stored")
     return TrainRefsResult(store.root, need_original, missing,
                            sorted(done & set(range(num_models))), outcomes, redone, rebuilt)
