@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from . import helpers
 from .errors import JobsFailed, UnlearnError
 
 BACKENDS = ("local", "ray")
@@ -90,10 +91,8 @@ ResultFn = Callable[[str, Any], bool]
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on (`helpers.cores`)."""
+    return helpers.cores()
 
 
 def gpu_count() -> int:

@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import hashlib
 import math
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -1065,11 +1064,7 @@ def _epsilons_batched(unlearned_rows: np.ndarray, retrained_rows: np.ndarray) ->
 def _worker_threads() -> int:
     """Threads for `_epsilons_batched`: the CPUs this process may use, at most 4 (the chunks
     are memory-bound beyond that)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, _MAX_THREADS))
+    return min(helpers.cores(), _MAX_THREADS)
 
 
 _MAX_THREADS = 4
