@@ -102,8 +102,8 @@ def timeline(events: list, began: float, wall: float) -> dict[str, float]:
     actor_cpu (CPU seconds of an actor's process by then, mean), driver_cpu (CPU seconds of the
     command's own process, at its exit), driver_ready (the command
     ready to hand out jobs), waited (how long it then waited for its first actor), jobs_done,
-    disconnect (seconds of Ray's exit handler), exit, result_ms (mean delay of a finished model
-    from its actor's yield to the driver)."""
+    disconnect (killing the actors and leaving Ray, and Ray's exit handler), exit, result_ms
+    (mean delay of a finished model from its actor's yield to the driver)."""
     at: dict[str, list[float]] = {}
     for what, when in events:
         at.setdefault(what, []).append(when - began)
@@ -135,7 +135,8 @@ def timeline(events: list, began: float, wall: float) -> dict[str, float]:
             "driver_ready": ready,
             "waited": first(lambda w: w.startswith("ready ")) - ready,
             "jobs_done": first(lambda w: w == "jobs done"),
-            "disconnect": first(lambda w: w == "exit") - first(lambda w: w == "exit begins"),
+            "disconnect": (first(lambda w: w == "disconnected") - first(lambda w: w == "jobs done")
+                           + first(lambda w: w == "exit") - first(lambda w: w == "exit begins")),
             "exit": wall,
             "result_ms": 1000 * sum(delays) / len(delays) if delays else float("nan")}
 

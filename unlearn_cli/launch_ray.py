@@ -67,7 +67,9 @@ CONNECT_SECONDS = 300.0  # the longest the command waits for `prestart` to join 
 EXIT_WAIT_SECONDS = 30.0  # the longest a command that ends early waits for `prestart` at exit
 INSTALL_HINT = "pip install 'unlearn-cli[ray]' (or `make install`, which includes it)"
 
-_state = {"owned": False}  # whether this process started the Ray instance it is connected to
+# owned: this process started the Ray instance it is connected to; joined: it joined a running
+# cluster itself (not a connection it already had, as a notebook's or a test's)
+_state = {"owned": False, "joined": False}
 TRACE_ENV = "UNLEARN_RAY_TRACE"  # a file: append this command's timeline to it (benchmarks)
 TRACE_SECONDS = 5.0  # the longest the driver waits for an actor's timeline
 _trace: list[tuple[str, float]] = []
@@ -128,6 +130,7 @@ def _connect(address: str) -> Any:
             _state["owned"] = True
         else:
             ray.init(address=address, **quiet)
+            _state["joined"] = True
     except ConnectionError as exc:
         where = "RAY_ADDRESS or a running `ray start`" if address == "auto" else address
         raise UnlearnError(
@@ -150,10 +153,13 @@ def describe(ray: Any) -> str:
 
 
 def disconnect() -> None:
-    """Shut down a private instance this command started; leave a joined cluster running."""
-    if _state["owned"]:
+    """Shut down a private instance this command started; leave a joined cluster running, and
+    the connection too if this process had it before. (Ray's own exit handler would disconnect
+    too, but first sleeps 0.5 s for worker logs to print, which `log_to_driver=False` turned off.)
+    """
+    if _state["owned"] or _state["joined"]:
         _ray().shutdown()
-        _state["owned"] = False
+        _state["owned"] = _state["joined"] = False
     park = _early.get("park")
     _early.clear()
     if park is not None:
