@@ -3,15 +3,18 @@ this folder on their PYTHONPATH). They report where they ran instead of training
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
 _JOBS_IN_THIS_PROCESS = itertools.count(1)  # 1, 2, 3...: jobs this process has run
 
 
 def whoami(payload, *, device, progress, shared=None):
-    """One result: this process, how many jobs it has run, and the identity of its shared inputs."""
+    """One result: this process, how many jobs it has run, the identity of its shared inputs, and
+    whether torch was imported before the job (by the actor's constructor)."""
     yield {"job": payload["name"], "pid": os.getpid(), "count": next(_JOBS_IN_THIS_PROCESS),
-           "shared_id": id(shared), "token": int(shared["token"].sum()) if shared else None}
+           "shared_id": id(shared), "token": int(shared["token"].sum()) if shared else None,
+           "torch_imported": "torch" in sys.modules}
 
 
 def dies_once(payload, *, device, progress, shared=None):

@@ -175,6 +175,27 @@ def test_a_slot_runs_its_jobs_in_one_long_lived_actor(cluster):
     assert _gone(workers), "an actor outlived its run"
 
 
+def test_prestarted_actors_are_adopted_by_the_run_and_the_spare_one_is_killed(cluster):
+    """launch.prestart (what train-refs and apply call first thing) joins Ray and creates the
+    slots' actors in the background, where they import torch before any job; the run then uses
+    those very processes, hands them its shared inputs, and kills the actor it has no slot for."""
+    launch.prestart(load_config(None, RAY).launch, num_jobs=2)
+    assert launch_ray._early["done"].wait(60)
+    early = [handle for _, handle in launch_ray._early["actors"]]
+    assert len(early) == 2  # one per CPU of the cluster: launch.threads is 1
+    pids = ray.get([handle.ready.remote(None) for handle in early], timeout=120)
+    jobs = [_job("a"), _job("b")]
+    outcomes, results, events = _run_on_ray(jobs, CPU_SLOTS[:1], {"token": np.arange(4)})
+    assert all(o.ok for o in outcomes), outcomes
+    (worker,) = [pid for kind, _, pid in events if kind == "worker"]
+    assert worker in pids  # adopted: no new process was started
+    rows = [r for job in jobs for r in results[job.id]]
+    assert {r["pid"] for r in rows} == {worker} and {r["token"] for r in rows} == {6}
+    assert all(r["torch_imported"] for r in rows)  # by the constructor, before the first job
+    assert not launch_ray._early  # the next command prestarts its own
+    assert _gone(pids), "a prestarted actor outlived the run"
+
+
 def test_a_dead_actor_is_replaced_and_its_job_runs_again_in_a_new_one(cluster, tmp_path):
     marker = tmp_path / "pid"
     jobs = [_job("dies-once", "dies_once", marker=str(marker)),

@@ -37,6 +37,12 @@ from .errors import JobsFailed, UnlearnError
 
 BACKENDS = ("local", "ray")
 MAX_TRIES = 3  # runs of a job whose worker dies (killed, out of memory, node lost) before it fails
+# What a worker imports before its first job, on either backend (the local fork server, a Ray
+# actor's constructor): everything a training or unlearning job imports at its start (an
+# ImportError here is ignored: the job will report it).
+PRELOAD = ["torch", "numpy", "unlearn_cli.training", "unlearn_cli.lockstep", "unlearn_cli.context",
+           "unlearn_cli.models", "unlearn_cli.data", "unlearn_cli.train_refs", "unlearn_cli.apply",
+           "unlearn_cli.methods.api"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +191,13 @@ def prestart(launch: Any, *, num_jobs: int,
     start local workers (not when its jobs run in this process, nor on Ray): its torch import
     then overlaps the command's own imports and checks. Call it once the command knows it has
     work; it costs nothing to call when the workers are not needed after all. stays_here(slots):
-    whether the measured costs (`CostModel.stays_here`) will keep the jobs in this process."""
+    whether the measured costs (`CostModel.stays_here`) will keep the jobs in this process. On
+    Ray: join the cluster and create the slots' actors now, in the background
+    (`launch_ray.prestart`)."""
+    if launch.backend == "ray" and num_jobs > 0:
+        from .launch_ray import prestart as start_actors
+
+        return start_actors(launch, num_jobs=num_jobs)
     if launch.backend != "local" or num_jobs < 1:
         return
     # Guessed without counting GPUs (that would import torch here first): on a CPU, one slot

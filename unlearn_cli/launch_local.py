@@ -41,6 +41,7 @@ from typing import Any
 
 from .launch import (
     MAX_TRIES,
+    PRELOAD,  # what the fork server imports before it forks workers
     EventFn,
     Job,
     JobOutcome,
@@ -56,11 +57,6 @@ STARTUP_SECONDS = 300.0  # a worker that is not ready by then (importing torch) 
 STOP_SECONDS = 10.0  # how long finished workers get to exit before they are terminated
 READ_BYTES = 1 << 20  # per read from a worker's pipe
 HEADER = struct.Struct("!Q")  # a message: its length in bytes, then the pickled (kind, id, value)
-# What the fork server imports before it forks workers: everything a training or unlearning job
-# imports at its start (an ImportError here is ignored: the job will report it).
-PRELOAD = ["torch", "numpy", "unlearn_cli.training", "unlearn_cli.lockstep", "unlearn_cli.context",
-           "unlearn_cli.models", "unlearn_cli.data", "unlearn_cli.train_refs", "unlearn_cli.apply",
-           "unlearn_cli.methods.api"]
 
 
 def start_method() -> str:

@@ -1,10 +1,15 @@
 """The Ray backend: the launcher's jobs on a cluster, one long-lived Ray actor per slot. The only
 module that imports ray.
 
-Each slot gets one actor (`SlotWorker`), created when the run starts and killed when it ends: a
-GPU slot's actor asks Ray for `1 / workers_per_gpu` GPU (Ray pins it with CUDA_VISIBLE_DEVICES
-before torch is imported), a CPU slot's for `launch.threads` CPUs. The actor keeps what a local
-worker process keeps between jobs: torch imported, the run's shared inputs resolved once (so
+Each slot gets one actor (`SlotWorker`), killed when the run ends: a GPU slot's actor asks Ray
+for `1 / workers_per_gpu` GPU (Ray pins it with CUDA_VISIBLE_DEVICES before torch is imported), a
+CPU slot's for `launch.threads` CPUs. Start-up: Ray starts a new process for each actor (it has no
+fork server), which imports torch and the job modules in its constructor (`launch.PRELOAD`, what
+the local fork server imports), seconds of CPU. So `train-refs` and `apply` call `prestart` first
+thing, as they start the local fork server: a background thread joins Ray and creates the
+actors, whose start overlaps the command's own imports and checks; the run adopts them.
+The actor keeps what a local worker process keeps between jobs: torch imported, the run's shared
+inputs resolved once (so
 `context.context` reuses the data already on the device), and the per-process caches of
 `training` and `models` (warm-up, compiled forwards, the reused module). The driver hands each
 actor one job at a time; the actor runs `launch.job_messages` and streams its messages back (a
@@ -29,9 +34,13 @@ wait has a timeout.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import importlib
 import os
+import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +48,7 @@ from typing import Any
 from .errors import UnlearnError
 from .launch import (
     MAX_TRIES,
+    PRELOAD,
     EventFn,
     Job,
     JobOutcome,
@@ -53,9 +63,32 @@ from .launch import (
 POLL_SECONDS = 0.1  # the longest the driver waits before it looks at every actor again
 GET_SECONDS = 60.0  # fetching a message that Ray says is ready; longer means its node is gone
 STARTUP_SECONDS = 300.0  # jobs wait this long for an actor Ray cannot place, then fail
+CONNECT_SECONDS = 300.0  # the longest the command waits for `prestart` to join (or start) Ray
+EXIT_WAIT_SECONDS = 30.0  # the longest a command that ends early waits for `prestart` at exit
 INSTALL_HINT = "pip install 'unlearn-cli[ray]' (or `make install`, which includes it)"
 
-_state = {"owned": False}  # whether this process started the Ray instance it is connected to
+# owned: this process started the Ray instance it is connected to; joined: it joined a running
+# cluster itself (not a connection it already had, as a notebook's or a test's)
+_state = {"owned": False, "joined": False}
+TRACE_ENV = "UNLEARN_RAY_TRACE"  # a file: append this command's timeline to it (benchmarks)
+TRACE_SECONDS = 5.0  # the longest the driver waits for an actor's timeline
+_trace: list[tuple[str, float]] = []
+
+
+def mark(what: str, at: float | None = None) -> None:
+    """Note when something happened (wall clock), for the timeline UNLEARN_RAY_TRACE asks for."""
+    if os.environ.get(TRACE_ENV):
+        _trace.append((what, time.time() if at is None else at))
+
+
+def _write_trace() -> None:
+    path = os.environ.get(TRACE_ENV)
+    if path and _trace:
+        import json
+
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"argv": sys.argv[1:3], "events": _trace}) + "\n")
+        _trace.clear()
 
 
 def _ray() -> Any:
@@ -72,11 +105,24 @@ def connect(address: str) -> Any:
 
     auto: the cluster RAY_ADDRESS or a running `ray start` names; local: a private instance for
     this command, shut down at its end; host:port: that cluster. A process already connected to
-    Ray (a notebook, a test) keeps its connection.
+    Ray (a notebook, a test) keeps its connection. If `prestart` is connecting, its result.
     """
+    early = _early.get("done")
+    if early is not None:
+        if not early.wait(CONNECT_SECONDS):
+            raise UnlearnError(f"--address {address}: Ray did not answer in {CONNECT_SECONDS:.0f}"
+                               "s; check the cluster (`ray status`), or use --backend local")
+        error = _early.pop("error", None)
+        if isinstance(error, UnlearnError):  # no cluster there: say so (once)
+            raise error
+    return _connect(address)
+
+
+def _connect(address: str) -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
+    mark("connect")
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
         if address == "local":
@@ -84,6 +130,7 @@ def connect(address: str) -> Any:
             _state["owned"] = True
         else:
             ray.init(address=address, **quiet)
+            _state["joined"] = True
     except ConnectionError as exc:
         where = "RAY_ADDRESS or a running `ray start`" if address == "auto" else address
         raise UnlearnError(
@@ -91,6 +138,7 @@ def connect(address: str) -> Any:
             "start one with `ray start --head` (see the README), give its HEAD:6379, or use "
             "--address local for a private one on this machine"
         ) from None
+    mark("connected")
     return ray
 
 
@@ -105,10 +153,97 @@ def describe(ray: Any) -> str:
 
 
 def disconnect() -> None:
-    """Shut down a private instance this command started; leave a joined cluster running."""
-    if _state["owned"]:
+    """Shut down a private instance this command started; leave a joined cluster running, and
+    the connection too if this process had it before. (Ray's own exit handler would disconnect
+    too, but first sleeps 0.5 s for worker logs to print, which `log_to_driver=False` turned off.)
+    """
+    if _state["owned"] or _state["joined"]:
         _ray().shutdown()
-        _state["owned"] = False
+        _state["owned"] = _state["joined"] = False
+    park = _early.get("park")
+    _early.clear()
+    if park is not None:
+        park.set()
+
+
+# What `prestart` set going: "done" (an Event, set once it has joined Ray and created the
+# actors), "error" (why it could not join), "actors" ([(slot, handle)] not yet adopted by a run),
+# "park" (an Event that lets its thread end).
+_early: dict[str, Any] = {}
+
+
+def prestart(launch: Any, *, num_jobs: int) -> None:
+    """Join the cluster and create the slots' actors now, in a background thread, so that Ray's
+    start of their processes and their imports (torch and the job modules, `launch.PRELOAD`)
+    overlap the command's own imports and checks. The run then adopts these actors
+    (`run_jobs`); it plans its slots again, and kills actors it has no slot for. Calling it
+    again before a run has adopted them does nothing. A command that stops before its run
+    leaves them to Ray, which kills a driver's actors when the driver exits.
+    """
+    if _early or num_jobs < 1:
+        return
+    mark("prestart")
+    if os.environ.get(TRACE_ENV):  # runs after Ray's own exit handler: when the command ends
+        atexit.register(lambda: (mark(f"driver cpu {time.process_time():.2f}s"), mark("exit"),
+                                 _write_trace()))
+    _early.update(done=threading.Event(), actors=[], park=threading.Event())
+    threading.Thread(target=_prestart, args=(launch, num_jobs, _early["done"], _early["park"]),
+                     name="unlearn-ray-prestart", daemon=True).start()
+
+
+def _prestart(launch: Any, num_jobs: int, done: threading.Event, park: threading.Event) -> None:
+    try:
+        _ray()
+        # Registered after Ray's own exit handler (ray.shutdown), so run before it: a command
+        # that ends while this thread is still joining Ray lets it finish first (bounded).
+        atexit.register(_at_exit, done)
+        ray = _connect(launch.address)
+    except BaseException as exc:  # noqa: BLE001 - connect() raises it in the command's thread
+        _early["error"] = exc
+        done.set()
+        return
+    try:
+        worker_class = ray.remote(SlotWorker)
+        for slot in _plan(ray, launch, num_jobs):
+            _early["actors"].append((slot, _create(worker_class, slot)))
+            mark(f"create {slot.label}")
+    except Exception:  # noqa: BLE001 - the run plans again and reports what is wrong
+        pass
+    done.set()
+    # A private instance's processes die with the thread that started them (Ray has the kernel
+    # kill them when their parent thread ends: PR_SET_PDEATHSIG), so this thread lives on until
+    # the instance is shut down.
+    if _state["owned"]:
+        park.wait()
+
+
+def _at_exit(done: threading.Event) -> None:
+    done.wait(EXIT_WAIT_SECONDS)
+    mark("exit begins")
+
+
+def _create(worker_class: Any, slot: Slot) -> Any:
+    """A new actor for `slot` (Ray starts its process and runs its constructor meanwhile)."""
+    return worker_class.options(**actor_options(slot)).remote(slot.device, slot.threads,
+                                                              bool(os.environ.get(TRACE_ENV)))
+
+
+def _adopt(slot: Slot) -> Any:
+    """An actor `prestart` created for a slot like this one (same device and resources), or None."""
+    early = _early.get("actors") or []
+    for k, (made_for, handle) in enumerate(early):
+        if (made_for.device, made_for.threads, actor_options(made_for)) == (
+                slot.device, slot.threads, actor_options(slot)):
+            del early[k]
+            return handle
+    return None
+
+
+def _drop_early(ray: Any) -> None:
+    """Kill the actors `prestart` created that no slot adopted."""
+    early = _early.get("actors") or []
+    while early:
+        _kill(ray, early.pop()[1])
 
 
 def plan_slots(launch: Any, *, num_jobs: int) -> list[Slot]:
@@ -118,7 +253,12 @@ def plan_slots(launch: Any, *, num_jobs: int) -> list[Slot]:
     CUDA_VISIBLE_DEVICES). --workers, when given, caps the jobs in flight.
     """
     device = check_device_spec(launch.device)
-    ray = connect(launch.address)
+    mark("plan")
+    return _plan(connect(launch.address), launch, num_jobs, device)
+
+
+def _plan(ray: Any, launch: Any, num_jobs: int, device: str | None = None) -> list[Slot]:
+    device = device or check_device_spec(launch.device)
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
     num_jobs = max(1, num_jobs)
@@ -148,39 +288,68 @@ def actor_options(slot: Slot) -> dict[str, Any]:
 class SlotWorker:
     """One slot's long-lived worker, a Ray actor: runs the jobs handed to it, one at a time.
 
-    shared: the run's resolved shared inputs (Ray resolves the driver's object reference once,
-    when the actor is created); every job of the run gets this same object, so caches keyed on it
-    (`context.context`) hold between jobs.
+    It is created before the run's shared inputs exist (`prestart`), and imports what jobs
+    import meanwhile; `ready` then hands it the run's shared inputs.
     """
 
-    def __init__(self, device: str, threads: int, shared: Mapping[str, Any] | None) -> None:
-        # As a local worker: torch is imported by the first job that needs it (jobs that need
-        # none start faster) and reads its thread count from here; set_threads covers the rest.
+    def __init__(self, device: str, threads: int, trace: bool = False) -> None:
+        self.stamps: list[tuple[str, float]] | None = [("init", time.time())] if trace else None
+        # Before torch is imported, which reads its thread count from here (set_threads covers
+        # the rest). Imports as the local fork server's: a job's first seconds are not spent
+        # importing; one that fails is left to the job, which reports it.
         os.environ["OMP_NUM_THREADS"] = str(threads)
-        self.device, self.threads, self.shared = device, threads, shared
+        for module in PRELOAD:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+        set_threads(threads)
+        self._stamp(f"imported (process cpu {time.process_time():.2f}s)")
+        self.device, self.threads = device, threads
+        self.shared: Mapping[str, Any] | None = None
 
-    def ready(self) -> int:
-        """This actor's process id, once it is up."""
+    def ready(self, shared: Mapping[str, Any] | None) -> int:
+        """Keep the run's shared inputs (Ray resolves the driver's object reference here, once;
+        every job of the run gets this same object, so caches keyed on it, `context.context`,
+        hold between jobs); this actor's process id."""
+        self.shared = shared
         return os.getpid()
 
     def run(self, job: Job) -> Any:
         """One job's messages (see `launch.job_messages`), streamed back as they come."""
         set_threads(self.threads)  # once torch is imported; a job may have changed them
-        yield from job_messages(job, self.device, self.shared)
+        self._stamp(f"run {job.id}")
+        for message in job_messages(job, self.device, self.shared):
+            self._stamp(f"{message[0]} {job.id}")
+            yield message
+
+    def _stamp(self, what: str) -> None:
+        if self.stamps is not None:
+            self.stamps.append((what, time.time()))
+
+    def timeline(self) -> list[tuple[str, float]]:
+        """When this actor started, imported, and ran each job and message (wall clock), if it
+        was created for a trace (UNLEARN_RAY_TRACE)."""
+        return self.stamps or []
 
 
 def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, address: str,
              shared: Mapping[str, Any] | None, on_result: ResultFn,
              emit: EventFn) -> list[JobOutcome]:
     """Run the jobs on one Ray actor per slot; see the module docstring."""
+    mark("run_jobs")
     ray = connect(address)
     try:
         emit("cluster", "", describe(ray))
+        mark("described")
         if not jobs:
             return []
         return _run(ray, jobs, slots, shared, on_result, emit)
     finally:
+        _drop_early(ray)
         disconnect()
+        mark("disconnected")
+        _write_trace()
 
 
 @dataclasses.dataclass(eq=False)
@@ -203,8 +372,9 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
 
     worker_class = ray.remote(SlotWorker)
     # Lazy inputs (the dataset) are read here, once; Ray ships them to each node once, and each
-    # actor resolves the reference once, when it is created.
+    # actor resolves the reference once, in `ready`.
     shared_ref = ray.put(resolve_shared(shared)) if shared is not None else None
+    mark("shared put")
     pending = collections.deque(jobs)
     outcomes: dict[str, JobOutcome] = {}
     tries: collections.Counter[str] = collections.Counter()
@@ -216,11 +386,21 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
     waiting_since = time.monotonic()  # since when jobs wait with no actor up
 
     def start(slot: Slot) -> None:
-        handle = worker_class.options(**actor_options(slot)).remote(slot.device, slot.threads,
-                                                                    shared_ref)
-        actors.append(_Actor(slot, handle, handle.ready.remote()))
+        handle = _adopt(slot) or _create(worker_class, slot)
+        actors.append(_Actor(slot, handle, handle.ready.remote(shared_ref)))
+        mark(f"start {slot.label}")
+
+    def collect(a: _Actor) -> None:
+        if os.environ.get(TRACE_ENV):
+            try:
+                for what, at in ray.get(a.handle.timeline.remote(), timeout=TRACE_SECONDS):
+                    mark(f"{a.slot.label}: {what}", at)
+            except Exception:  # noqa: BLE001 - a trace only
+                pass
 
     def retire(a: _Actor, kill: bool = True) -> None:
+        if kill:
+            collect(a)
         actors.remove(a)
         free.append(a.slot)
         if kill:
@@ -274,6 +454,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
             lost(a, exc)
             return
         a.ready = None
+        mark(f"ready {a.slot.label}")
         emit("worker", a.slot.label, a.pid)
 
     def on_message(a: _Actor) -> None:
@@ -293,6 +474,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
         except (rex.RayError, TimeoutError) as exc:  # ActorDiedError: process or node lost
             lost(a, exc)
             return
+        mark(f"{kind} {a.slot.label} {job.id}")
         if kind == "result":
             if on_result(job.id, value):
                 emit("progress", job.id, 1)
@@ -305,6 +487,7 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
         while len(outcomes) < len(jobs):
             while pending and free and start_budget > 0:
                 start(free.pop(0))
+            _drop_early(ray)  # every slot has its actor: the others free their resources
             for a in list(actors):
                 if a.ready is None and a.job is None:
                     if pending:
@@ -337,6 +520,9 @@ def _run(ray: Any, jobs: Sequence[Job], slots: Sequence[Slot],
                 else:
                     on_message(a)
     finally:  # done, failed or interrupted: no actor outlives the run
+        for a in actors:
+            collect(a)
+        mark("jobs done")
         for a in actors:
             _kill(ray, a.handle)
     return [outcomes[job.id] for job in jobs]
