@@ -365,3 +365,38 @@ def test_ctrl_c_cancels_every_task_and_keeps_finished_models(tmp_path):
     result = train_refs.run(load_config(None, ["train.epochs=20", "launch.chunk_size=1",
                                                "launch.workers=1"]), store, num_models=n)
     assert sorted(result.trained) == sorted(set(range(n)) - set(kept))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path):
+    import socket
+
+    port = _closed_port()
+    assert "ConnectionRefusedError" in launch_ray._listening(f"127.0.0.1:{port}")
+    for address in ("auto", "local", "ray://head:10001"):
+        assert launch_ray._listening(address) is None
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert launch_ray._listening(f"127.0.0.1:{server.getsockname()[1]}") is None
+    # The command, in a fresh process (not joined to any Ray): one line, exit 1, no 2-minute
+    # wait in ray.init's retries.
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "unlearn_cli", "train-refs", "--num-models", "2", "--store",
+         str(tmp_path / "s"), "--backend", "ray", "--address", f"127.0.0.1:{port}",
+         *[x for s in FAST for x in ("--set", s)]],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines()
+              if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stdout + proc.stderr
+    assert f"no Ray cluster found at 127.0.0.1:{port} (nothing answers there" in errors[0]
+    assert time.monotonic() - start < 60

@@ -39,6 +39,7 @@ import collections
 import dataclasses
 import importlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -118,11 +119,34 @@ def connect(address: str) -> Any:
     return _connect(address)
 
 
+def _listening(address: str) -> str | None:
+    """For a `host:port` address: why nothing answers there (a TCP connection within
+    PROBE_SECONDS), else None. `ray.init` itself retries such an address for about 2 minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return None  # auto, local, ray://...: Ray's own lookup
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
+
+
+PROBE_SECONDS = 5.0
+
+
 def _connect(address: str) -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
     mark("connect")
+    silent = _listening(address)
+    if silent is not None:
+        raise UnlearnError(
+            f"--address {address}: no Ray cluster found at {address} (nothing answers there: "
+            f"{silent}); start one with `ray start --head` (see the README), give its HEAD:6379, "
+            "or use --address local for a private one on this machine"
+        )
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     try:
         if address == "local":
