@@ -367,3 +367,29 @@ def test_a_run_on_workers_records_its_costs_and_a_small_top_up_runs_here(tmp_pat
     # ... and, having run in this process, it measured nothing new.
     assert store.read_costs("apply:none", launch.machine()) == {"model_seconds": 1e-4,
                                                                "startup_seconds": 2.0}
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_without_the_main_guard_can_use_workers(tmp_path, method):
+    # multiprocessing would run such a script again in the fork server and each worker, where
+    # it would start its experiment again (refused: workers "dying at start-up").
+    import subprocess
+    from pathlib import Path
+
+    from conftest import FAST
+
+    script = tmp_path / "experiment.py"
+    script.write_text(
+        "from unlearn_cli import train_refs\n"
+        "from unlearn_cli.config import load_config\n"
+        f"cfg = load_config(None, {[*FAST, 'launch.workers=2']!r})\n"
+        f"result = train_refs.run(cfg, {str(tmp_path / 's')!r}, num_models=2)\n"
+        "print('trained', len(result.trained))\n"
+    )
+    env = {**os.environ, "UNLEARN_START_METHOD": method,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "trained 2" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -35,7 +36,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -77,7 +78,8 @@ def prestart() -> None:
 
     try:
         forkserver.set_forkserver_preload(PRELOAD)
-        forkserver.ensure_running()
+        with _main_script_left_out():
+            forkserver.ensure_running()
     except (OSError, ValueError):  # pragma: no cover - no server now: start() tries again
         return
     global _STOP_REGISTERED
@@ -87,6 +89,26 @@ def prestart() -> None:
 
 
 _STOP_REGISTERED = False
+
+
+@contextlib.contextmanager
+def _main_script_left_out() -> Iterator[None]:
+    """While a process starts (the fork server, a worker): multiprocessing would run the
+    caller's main script again in it when that script was run by path (`python my_script.py`),
+    and a script without the `if __name__ == "__main__":` guard would then start its whole
+    experiment again there, which multiprocessing refuses (workers "dying at start-up"). The
+    workers need nothing from that script (jobs name their targets by module, plugins by file),
+    so it is left out: its path is hidden from multiprocessing for the moment of the start."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield  # run as a module (`python -m`, whose import is cheap and guarded) or none
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def _stop_server() -> None:
@@ -276,7 +298,8 @@ def run_jobs(jobs: Sequence[Job], slots: Sequence[Slot], *, shared: Mapping[str,
                            args=(slot, jobs_in, messages_out, shared_blob, parent),
                            name=f"unlearn-{slot.label}", daemon=True)
         try:
-            proc.start()  # hands it `shared` through its start-up pipe, which it reads at once
+            with _main_script_left_out():
+                proc.start()  # hands it `shared` through its start-up pipe, read at once
         except OSError as exc:  # it died before reading it: a start-up failure like any other
             for end in (jobs_in, jobs_out, messages_in, messages_out):
                 end.close()
