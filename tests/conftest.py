@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures.process
 import hashlib
 from pathlib import Path
 
@@ -54,3 +55,13 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+class LostHelpers:
+    """An executor whose every task has failed, as when a helper process is killed
+    (`helpers.pool` replaced by this in tests of the fallback to this process)."""
+
+    def submit(self, *args, **kwargs):
+        future = concurrent.futures.Future()
+        future.set_exception(concurrent.futures.process.BrokenProcessPool("helper died"))
+        return future

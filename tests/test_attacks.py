@@ -6,13 +6,13 @@ fold per example, as the seed does. They are slow, so the data here are small.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LostHelpers
 from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
@@ -260,21 +260,12 @@ def test_a_helper_process_computes_the_same_fits():
         np.testing.assert_array_equal(mine, theirs)
 
 
-class _FailingPool:
-    """An executor whose every task has failed, as when a helper process is killed."""
-
-    def submit(self, *args, **kwargs):
-        future = concurrent.futures.Future()
-        future.set_exception(concurrent.futures.process.BrokenProcessPool("helper died"))
-        return future
-
-
 def test_a_failed_helper_costs_only_time(monkeypatch):
     rng = np.random.default_rng(17)
     unlearned, retrained = _tiny_loss_banks(rng, num_models=10, num_examples=30)
     alone = seed_scores(unlearned, retrained, workers=1)
     monkeypatch.setattr(attacks, "PARALLEL_MIN_EXAMPLES", 1)
-    monkeypatch.setattr(helpers, "pool", lambda size: _FailingPool())
+    monkeypatch.setattr(helpers, "pool", lambda size: LostHelpers())
     spread = seed_scores(unlearned, retrained, workers=3)
     np.testing.assert_array_equal(alone.per_example, spread.per_example)
 

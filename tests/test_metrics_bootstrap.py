@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import LostHelpers
 
 from unlearn_cli import metrics
 from unlearn_cli.metrics import bootstrap_forget_quality, example_scores, forget_quality
@@ -197,17 +198,6 @@ def test_ceiling_cache_is_keyed_by_the_reference_bank():
     assert len(cache) == 3
 
 
-class _LostHelpers:
-    """An executor whose every task has failed, as when a helper process is killed."""
-
-    def submit(self, *args, **kwargs):
-        import concurrent.futures.process
-
-        future = concurrent.futures.Future()
-        future.set_exception(concurrent.futures.process.BrokenProcessPool("helper died"))
-        return future
-
-
 def test_sharing_the_engine_with_helper_processes_changes_no_value(monkeypatch):
     # Chunks computed by a real helper process, by this one, and after a lost helper: the same
     # epsilons, bit for bit, as the engine alone (the bootstrap's resampled banks included).
@@ -222,7 +212,7 @@ def test_sharing_the_engine_with_helper_processes_changes_no_value(monkeypatch):
         shared = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
     assert metrics._SHARED_HELPERS.get() == 0  # restored after the block
     np.testing.assert_array_equal(shared, alone)
-    monkeypatch.setattr(metrics.helpers, "pool", lambda size: _LostHelpers())
+    monkeypatch.setattr(metrics.helpers, "pool", lambda size: LostHelpers())
     with metrics.sharing_work(3):
         lost = metrics._pair_epsilons(unlearned, retrained, rows_u, rows_r)
     np.testing.assert_array_equal(lost, alone)
