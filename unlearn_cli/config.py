@@ -21,6 +21,13 @@ import yaml
 
 from .errors import ConfigError
 
+TORCHVISION = "torchvision:"  # model.arch prefix of torchvision's builders
+
+
+def plugin_arch(arch: str) -> bool:
+    """Whether model.arch names a user's builder function (`file.py:fn`, `pkg.module:fn`), not
+    torchvision's. Here, not in `models`, so that it is known without importing torch."""
+    return ":" in arch and not arch.startswith(TORCHVISION)
 
 def _config_dir() -> Path:
     """The bundled configs: inside the installed package (a wheel maps the repository's top-level

@@ -354,8 +354,10 @@ def machine() -> dict[str, Any]:
 
 def user_code(method_spec: str | None, arch: str) -> bool:
     """Whether a run executes a user's plugin (a method or a model builder, `file.py:fn`)."""
-    plugin_arch = ":" in arch and not arch.startswith("torchvision:")  # as models.is_plugin
-    return plugin_arch or (method_spec is not None and ":" in method_spec)
+    from .config import plugin_arch
+    from .methods import is_plugin
+
+    return plugin_arch(arch) or (method_spec is not None and is_plugin(method_spec))
 
 
 class CostModel:

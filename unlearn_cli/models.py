@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig
+from .config import TORCHVISION, ModelConfig, plugin_arch
 from .errors import ConfigError, StoreError
 
 DEFAULT_WIDTHS = {"resnet18": (64, 128, 256, 512), "fastnet": (64, 256, 256)}
@@ -223,12 +223,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 # ---------------------------------------------------------------- torchvision and plugins
 
-TORCHVISION = "torchvision:"
-
-
-def is_plugin(arch: str) -> bool:
-    """A user's builder function (`file.py:fn`, `pkg.module:fn`), not torchvision's."""
-    return ":" in arch and not arch.startswith(TORCHVISION)
+is_plugin = plugin_arch  # a user's builder function, not torchvision's (config.plugin_arch)
 
 
 def _torchvision_model(name: str, num_classes: int) -> nn.Module:
