@@ -288,13 +288,18 @@ def test_forked_or_loky_helpers_give_the_same_values_and_none_outlive_the_block(
     unlearned = np.round(rng.normal(0.0, 1.0, (10, 80)), 1)
     retrained = rng.normal(0.3, 1.1, (10, 80))
     alone = metrics.per_example_epsilons(unlearned, retrained)
-    before = {p.pid for p in multiprocessing.active_children()}
     with metrics.sharing_work(2):
         used = helpers.pool(1)
         assert (type(used).__name__ == "ProcessPoolExecutor") is fork_safe, type(used)
         np.testing.assert_array_equal(metrics.per_example_epsilons(unlearned, retrained), alone)
+        # The forked helpers themselves (not every child of this process: an earlier test's loky
+        # pool may start one of its own at any moment).
+        forked = list((getattr(used, "_processes", None) or {}).values()) if fork_safe else []
     if fork_safe:  # forked helpers end with the block
-        assert {p.pid for p in multiprocessing.active_children()} <= before
+        assert len(forked) == 1
+        assert not any(p.is_alive() for p in forked)
+        assert {p.pid for p in multiprocessing.active_children()}.isdisjoint(
+            {p.pid for p in forked})
         assert not helpers._FORKED
 
 
@@ -324,3 +329,20 @@ def _part_with_pid(i):
     import os
 
     return (i, os.getpid())
+
+
+def test_a_forked_helper_stuck_in_a_task_is_ended_with_its_block(monkeypatch):
+    import time
+
+    from unlearn_cli import helpers
+
+    monkeypatch.setattr(helpers, "_fork_is_safe", lambda: True)
+    monkeypatch.setattr(helpers, "STOP_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    with helpers.forked(1):
+        pool = helpers.pool(1)
+        processes = list(pool._processes.values())
+        pool.submit(time.sleep, 120)  # never waited for
+        time.sleep(0.2)  # the helper has taken it
+    assert time.monotonic() - start < 10
+    assert processes and all(p.exitcode is not None for p in processes)

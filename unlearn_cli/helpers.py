@@ -99,15 +99,20 @@ def _ignore_interrupts() -> None:
 
 def _stop(executor: concurrent.futures.Executor) -> None:
     """End a forked pool: idle helpers exit; one still busy STOP_TIMEOUT_S later is terminated
-    (its result is not needed any more)."""
+    (its result is not needed any more). The pool's own manager thread joins (reaps) the
+    helpers; this waits for that thread, never joins a helper beside it (two waits on one
+    process: the second finds it reaped already and would take it for alive)."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
+    manager = getattr(executor, "_executor_manager_thread", None)
     executor.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=STOP_TIMEOUT_S)
+    if manager is None:  # no task was ever submitted: no helper was started
+        return
+    manager.join(STOP_TIMEOUT_S)
+    if manager.is_alive():  # a helper is stuck in a task
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+        manager.join(STOP_TIMEOUT_S)
 
 
 def share(
