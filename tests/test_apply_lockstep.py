@@ -55,10 +55,11 @@ def test_lockstep_runs_match_runs_alone_and_do_not_depend_on_workers(trained_sto
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())  # bits, any workers
             np.testing.assert_allclose(a[key].numpy(), c[key].numpy(), atol=1e-4, rtol=0)
-    # One job of six runs: the first timed alone, five in lockstep as shares of their group.
+    # One job of six runs: the first two (TIMED_ALONE) timed alone, four in lockstep as shares
+    # of their group.
     metas = _metas(roots["one"], method)
-    assert [m["timing"] for m in metas] == ["sequential"] + ["ensemble-share"] * 5
-    assert all(m["engine"] == "ensemble" and m["ensemble_size"] == 5 for m in metas[1:])
+    assert [m["timing"] for m in metas] == ["sequential"] * 2 + ["ensemble-share"] * 4
+    assert all(m["engine"] == "ensemble" and m["ensemble_size"] == 4 for m in metas[2:])
     assert all(m["timing"] == "sequential" for m in _metas(roots["loop"], method))
 
 
@@ -85,9 +86,9 @@ def test_a_lockstep_form_that_returns_the_wrong_thing_is_one_clear_error(trained
     method = resolve("finetune")
     monkeypatch.setattr(method.fn, "lockstep", lambda models, *a, **k: models[:1])
     cfg = load_config(None, FAST + ["launch.chunk_size=4"])
-    with pytest.raises(JobsFailed) as info:  # runs 8..11: 8 alone, 9..11 in lockstep
+    with pytest.raises(JobsFailed) as info:  # runs 8..11: 8 and 9 alone, 10, 11 in lockstep
         apply.run(cfg, root, method_spec="finetune", num_models=12)
     assert "must return one torch.nn.Module per seed" in str(info.value)
     # The runs that worked are stored; the lockstep group's are not.
     done = Store(root).done_seeds(UNLEARNED, "finetune")
-    assert [s - apply.UNLEARN_SEED_BASE for s in done] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [s - apply.UNLEARN_SEED_BASE for s in done] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]

@@ -92,7 +92,7 @@ def test_groups_of_k():
     assert list(groups([1, 2, 3], 0)) == [[1, 2, 3]]
 
 
-@pytest.mark.slow  # original + 3 reference models end to end with TTA outputs: ~5-25 s here
+@pytest.mark.slow  # original + 4 reference models end to end with TTA outputs: ~5-25 s here
 def test_train_refs_with_engine_ensemble_stores_lockstep_members_of_a_conv_net(tmp_path):
     from test_cifar import CONFIGS, write_archive
 
@@ -105,12 +105,13 @@ def test_train_refs_with_engine_ensemble_stores_lockstep_members_of_a_conv_net(t
         f"data.root={root}", "data.forget_size=50", "train.epochs=1", "train.batch_size=25",
         "model.widths=[2,4,4]", "train.engine=ensemble", "train.ensemble_size=2",
         "launch.workers=1", "launch.device=cpu"])
-    train_refs.run(cfg, tmp_path / "store", num_models=3, inline=True)
+    train_refs.run(cfg, tmp_path / "store", num_models=4, inline=True)
     store = Store(tmp_path / "store")
-    metas = [store.load_outputs(REFERENCE, s)[1] for s in range(3)]
-    assert metas[0]["engine"] == "loop" and metas[0]["timing"] == "sequential"
-    assert [m["engine"] for m in metas[1:]] == ["ensemble", "ensemble"]
-    assert {m["ensemble_size"] for m in metas[1:]} == {2}
+    metas = [store.load_outputs(REFERENCE, s)[1] for s in range(4)]
+    # The job's first two (train_refs.TIMED_ALONE) alone, the other two as one lockstep group.
+    assert all(m["engine"] == "loop" and m["timing"] == "sequential" for m in metas[:2])
+    assert [m["engine"] for m in metas[2:]] == ["ensemble", "ensemble"]
+    assert {m["ensemble_size"] for m in metas[2:]} == {2}
     # Member seed 2 equals seed 2 trained alone on the retain set, as train-refs would loop it.
     split = store.load_split()
     x, y, _ = cifar.load(root)

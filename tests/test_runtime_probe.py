@@ -40,15 +40,15 @@ def test_models_timed_alone_carry_their_probe_and_the_report_uses_it(trained_sto
     metas = [s.load_outputs(REFERENCE, i)[1] for i in s.done_seeds(REFERENCE)]
     metas += [s.load_outputs(UNLEARNED, i, "finetune")[1]
               for i in s.done_seeds(UNLEARNED, "finetune")]
-    # The first model of every job (6 reference models: jobs of 25; 6 finetune runs: one job):
-    # seeds 0 and 1,000,000 here, and only they, timed between two probes.
+    # The first two models of every job (6 reference models: jobs of 25; 6 finetune runs: one
+    # job): seeds 0, 1, 1,000,000 and 1,000,001 here, and only they, timed between two probes.
     probed = sorted(m["seed"] for m in metas if "probe_cpu_seconds" in m)
-    assert probed == [0, 1_000_000]
+    assert probed == [0, 1, 1_000_000, 1_000_001]
     assert all(m["probe_cpu_seconds"] > 0 and m["probe_wall_seconds"] > 0
                for m in metas if "probe_cpu_seconds" in m)
     (rep,) = score.run(trained_store, methods=["finetune"], bootstrap=0)
     rt = rep["runtime"]
-    assert rt["normalised"] == {"unlearned": 1, "retrained": 1}
+    assert rt["normalised"] == {"unlearned": 2, "retrained": 2}
     assert rt["ratio_raw"] == pytest.approx(rt["seconds_per_model"]["unlearned"]
                                             / rt["seconds_per_model"]["retrained"])
     assert 0 < rt["ratio"] < 1  # finetune (1 epoch) is cheaper than retraining (3 epochs)

@@ -297,7 +297,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
     driver stores it); runs in a worker."""
     from .context import context, finish_model, provenance, timing
-    from .train_refs import Probe, timing_context, warm_steps
+    from .train_refs import TIMED_ALONE, Probe, timing_context, warm_steps
     from .training import recipe, warm_up_method
 
     ctx = context(payload, device, shared)
@@ -314,9 +314,10 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
-    # Lockstep: the job's first run alone (its time is an honest single-run time for the runtime
-    # ratio, like train-refs' first model of a job), the others at once.
-    together = todo[1:] if payload.get("engine") == "ensemble" and len(todo) > 2 else []
+    # Lockstep: the job's first TIMED_ALONE runs alone (their times are honest single-run times
+    # for the runtime ratio, like train-refs' first models of a job), the others at once.
+    lockstep = payload.get("engine") == "ensemble" and len(todo) > TIMED_ALONE + 1
+    together = todo[TIMED_ALONE:] if lockstep else []
     # Every run timed alone is timed between two speed probes (train_refs.Probe), as train-refs
     # times its models: `score` divides each time by its probe.
     probe = Probe(ctx, recipe(ctx.cfg.train))

@@ -30,6 +30,12 @@ from .store import ORIGINAL, REFERENCE, Store
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
 ENSEMBLE_ARCHS = ("mlp",)  # engine auto on a CPU: these train as lockstep ensembles
 MAX_ENSEMBLE_CHUNK = 25  # models per ensemble job: bounds the work a crash can lose
+# The first models of every job (train-refs and apply alike) are trained alone, timed between
+# speed probes, for the runtime ratio; the rest of an ensemble job in lockstep. Two, not one: a
+# single model's CPU time on a loaded 2-core machine varies by ~10-14% (sd; measured over 20-30
+# digits models beside a busy process, with or without the probe), so the median of 4 a side (the
+# demo: 4 jobs) put `retrain` at 0.81-1.03 and 8 a side halves the ratio's variance.
+TIMED_ALONE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +218,7 @@ def _chunks(seeds: list[int], chunk_size: int, num_slots: int, engine: str) -> l
     """The jobs' seeds: runs of consecutive seeds cut at multiples of the chunk size.
 
     Which seeds share a job decides which are trained together (the ensemble engine) and which
-    one is trained alone first, so the cuts depend on the seeds only, never on `num_slots`: the
+    ones are trained alone first, so the cuts depend on the seeds only, never on `num_slots`: the
     same missing seeds give the same models whatever `--workers` is. Chunk size: launch.chunk_size,
     else MAX_ENSEMBLE_CHUNK for the ensemble engine and 1 for the loop engine.
     """
@@ -354,15 +360,18 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
 
     warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
 
-    # The first model of a job is always trained alone: its wall time is an honest "retrain from
-    # scratch" time for the runtime ratio in `score`, which ensemble shares would understate.
-    first, rest = seeds[0], seeds[1:]
+    # The first TIMED_ALONE models of a job are always trained alone: their times are honest
+    # "retrain from scratch" times for the runtime ratio in `score`, which ensemble shares would
+    # understate.
+    alone, rest = seeds[:TIMED_ALONE], seeds[TIMED_ALONE:]
     probe = Probe(ctx, options)
     probe.take()
-    model, seconds, cpu_seconds = train_alone(seed_of(first))
-    meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                      engine="loop", **timing(ctx, payload), **timing_context(), **probe.take())
-    yield finish_model(ctx, kind, first if kind != ORIGINAL else None, model, meta)
+    for first in alone:
+        model, seconds, cpu_seconds = train_alone(seed_of(first))
+        meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds,
+                          cpu_seconds=cpu_seconds, engine="loop", **timing(ctx, payload),
+                          **timing_context(), **probe.take())
+        yield finish_model(ctx, kind, first if kind != ORIGINAL else None, model, meta)
     if not rest:
         return
     if payload["engine"] == "ensemble":
