@@ -298,9 +298,10 @@ class Probe:
     6-10 (other agents' work), `retrain` (7 models a side, 10 epochs): 0.84-1.16 in 6 runs with
     probes of 38 steps (an earlier rounding; now exactly PROBE_STEPS; median distance from 1:
     0.06), against 0.81-1.37 in seconds (0.14). At the demo's size (100 a side, 8 of them timed
-    alone: TIMED_ALONE per job) beside one busy process (load 2-3): 0.92-1.09 in 5 runs, against
-    0.82-1.25 in seconds; with 4 timed alone a side, 0.81-1.03 in 4 runs. A longer probe did not
-    help: a model's own time varies as much. Costs PROBE_STEPS steps per run timed alone,
+    alone: TIMED_ALONE per job) beside one busy process (load 2-3): 0.92-1.09 in 5 runs (0.82-1.25
+    in seconds), and 0.85-1.18 in 5 more (benchmarks/bench_runtime_ratio.py; 0.95-1.08 in
+    seconds); with 4 timed alone a side, 0.81-1.03 in 4 runs. A longer probe did not help: a
+    model's own time varies as much. Costs PROBE_STEPS steps per run timed alone,
     never more than the recipe's own training (a digits model takes 570 steps, a finetune run 95).
     """
 
