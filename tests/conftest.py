@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import concurrent.futures.process
 import hashlib
+import signal
 from pathlib import Path
 
 import pytest
 
 from unlearn_cli.config import load_config
+
+# A suite started in the background by a script (`make test &`, `nohup ... &`) inherits SIGINT
+# ignored, and so would every command the tests start: Python installs no Ctrl-C handler for an
+# ignored signal, and the Ctrl-C tests' commands would run to the end. Tests stand for a user at a
+# terminal, so give this process (and the commands it starts) Python's own handler back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A fast variant of the default: few epochs, in-process jobs. Used by most tests.
 FAST = ["train.epochs=3", "method.finetune.epochs=1", "method.reset-head.epochs=1",
