@@ -38,7 +38,7 @@ def test_builtin_lockstep_forms_exist(name):
 @pytest.mark.parametrize("method", ["finetune", "retrain"])
 def test_lockstep_runs_match_runs_alone_and_do_not_depend_on_workers(trained_store, tmp_path,
                                                                       method):
-    sets = [s for s in FAST if not s.startswith("launch")] + ["launch.chunk_size=6"]
+    sets = [s for s in FAST if not s.startswith("launch.workers")] + ["launch.chunk_size=6"]
     roots = {}
     for name, workers in (("one", 1), ("two", 2), ("loop", 1)):
         roots[name] = tmp_path / name
@@ -55,8 +55,8 @@ def test_lockstep_runs_match_runs_alone_and_do_not_depend_on_workers(trained_sto
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())  # bits, any workers
             np.testing.assert_allclose(a[key].numpy(), c[key].numpy(), atol=1e-4, rtol=0)
-    # One job of six runs: the first two (TIMED_ALONE) timed alone, four in lockstep as shares
-    # of their group.
+    # One job of six runs: the first two (launch.timed_alone=2) timed alone, four in lockstep as
+    # shares of their group.
     metas = _metas(roots["one"], method)
     assert [m["timing"] for m in metas] == ["sequential"] * 2 + ["ensemble-share"] * 4
     assert all(m["engine"] == "ensemble" and m["ensemble_size"] == 4 for m in metas[2:])
@@ -85,8 +85,10 @@ def test_a_lockstep_form_that_returns_the_wrong_thing_is_one_clear_error(trained
     shutil.copytree(trained_store, root)
     method = resolve("finetune")
     monkeypatch.setattr(method.fn, "lockstep", lambda models, *a, **k: models[:1])
-    cfg = load_config(None, FAST + ["launch.chunk_size=4"])
-    with pytest.raises(JobsFailed) as info:  # runs 8..11: 8 and 9 alone, 10, 11 in lockstep
+    # Runs 6..11 in jobs 6-7 and 8-11, two of each timed alone (launch.timed_alone=4 dealt over
+    # the two jobs): 8 and 9 alone, 10 and 11 in lockstep.
+    cfg = load_config(None, FAST + ["launch.chunk_size=4", "launch.timed_alone=4"])
+    with pytest.raises(JobsFailed) as info:
         apply.run(cfg, root, method_spec="finetune", num_models=12)
     assert "must return one torch.nn.Module per seed" in str(info.value)
     # The runs that worked are stored; the lockstep group's are not.

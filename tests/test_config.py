@@ -93,3 +93,9 @@ def test_method_ranges_are_checked():
         name = bad.split(".")[1]
         with pytest.raises(ConfigError, match=key):
             method_params(REGISTRY[name], load_config(None, [bad]))
+
+
+def test_launch_timed_alone_must_be_at_least_one():
+    assert load_config(None).launch.timed_alone == 16
+    with pytest.raises(ConfigError, match="launch.timed_alone: expected an integer >= 1, got 0"):
+        load_config(None, ["launch.timed_alone=0"])

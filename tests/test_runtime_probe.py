@@ -40,8 +40,9 @@ def test_models_timed_alone_carry_their_probe_and_the_report_uses_it(trained_sto
     metas = [s.load_outputs(REFERENCE, i)[1] for i in s.done_seeds(REFERENCE)]
     metas += [s.load_outputs(UNLEARNED, i, "finetune")[1]
               for i in s.done_seeds(UNLEARNED, "finetune")]
-    # The first two models of every job (6 reference models: jobs of 25; 6 finetune runs: one
-    # job): seeds 0, 1, 1,000,000 and 1,000,001 here, and only they, timed between two probes.
+    # launch.timed_alone=2 (tests/conftest.FAST) a command, one job each (6 reference models:
+    # jobs of 25; 6 finetune runs): seeds 0, 1, 1,000,000 and 1,000,001, and only they, timed
+    # between two probes.
     probed = sorted(m["seed"] for m in metas if "probe_cpu_seconds" in m)
     assert probed == [0, 1, 1_000_000, 1_000_001]
     assert all(m["probe_cpu_seconds"] > 0 and m["probe_wall_seconds"] > 0
@@ -86,3 +87,36 @@ def test_a_probe_takes_its_steps_and_never_more_than_the_recipe(n, batch, epochs
     assert probe.take() == {}  # the first probe opens the chain
     assert set(probe.take()) == {"probe_cpu_seconds", "probe_wall_seconds"}
     assert steps == [expected, expected]
+
+
+def test_timed_alone_deals_the_total_over_the_jobs():
+    from unlearn_cli.train_refs import timed_alone
+
+    assert timed_alone([25] * 4, 16) == [4] * 4  # the demo: 100 models in 4 jobs
+    assert timed_alone([25] * 40, 16) == [1] * 16 + [0] * 24  # a bank of 1,000: still 16
+    assert timed_alone([3, 1, 25], 16) == [3, 1, 12]  # never more than a job holds
+    assert timed_alone([2, 2], 16) == [2, 2]
+    assert timed_alone([6], 2) == [2] and timed_alone([], 16) == []
+
+
+def test_launch_timed_alone_chooses_the_models_timed_alone(tmp_path):
+    from conftest import FAST
+
+    from unlearn_cli import apply, train_refs
+    from unlearn_cli.config import load_config
+
+    cfg = load_config(None, [s for s in FAST if not s.startswith("launch.timed_alone")]
+                      + ["train.epochs=1", "launch.timed_alone=3", "launch.chunk_size=3"])
+    train_refs.run(cfg, tmp_path, num_models=6, inline=True)
+    apply.run(cfg, tmp_path, method_spec="finetune", num_models=6, inline=True)
+    s = Store(tmp_path)
+    alone = {kind: sorted(m["seed"] - base for m in metas if m["timing"] == "sequential")
+             for kind, base, metas in (
+                 ("reference", 0, [s.load_outputs(REFERENCE, i)[1] for i in range(6)]),
+                 ("unlearned", 1_000_000, [s.load_outputs(UNLEARNED, 1_000_000 + i, "finetune")[1]
+                                           for i in range(6)]))}
+    # Jobs of 3: two timed alone in the first, one in the second; the rest in lockstep, except
+    # that a job whose lockstep group would hold a single run times that run alone too.
+    assert alone == {"reference": [0, 1, 3], "unlearned": [0, 1, 2, 3]}
+    (rep,) = score.run(tmp_path, methods=["finetune"], bootstrap=0)
+    assert rep["runtime"]["normalised"] == {"unlearned": 4, "retrained": 3}

@@ -131,16 +131,18 @@ def run(
         launch = cfg.launch
         slots = plan(launch, num_jobs=len(missing))  # nothing missing: no cluster is joined
         from .context import gpu_workers, store_trained
-        from .train_refs import choose_engine
+        from .train_refs import choose_engine, timed_alone
 
         engine = ("ensemble" if lockstep_of(method) is not None
                   and choose_engine(cfg, slots[0].device) == "ensemble" else "loop")
         base = {"config": cfg.to_dict(), "method": method_spec, "gpu_workers": gpu_workers(slots),
                 "engine": engine}
+        chunks = _chunks(missing, launch.chunk_size, len(slots), engine)
+        alone = timed_alone([len(chunk) for chunk in chunks], launch.timed_alone)
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
-                {**base, "seeds": chunk}, len(chunk))
-            for chunk in _chunks(missing, launch.chunk_size, len(slots), engine)
+                {**base, "seeds": chunk, "timed_alone": k}, len(chunk))
+            for chunk, k in zip(chunks, alone)
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
@@ -297,7 +299,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
     driver stores it); runs in a worker."""
     from .context import context, finish_model, provenance, timing
-    from .train_refs import TIMED_ALONE, Probe, timing_context, warm_steps
+    from .train_refs import Probe, timing_context, warm_steps
     from .training import recipe, warm_up_method
 
     ctx = context(payload, device, shared)
@@ -314,10 +316,12 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
-    # Lockstep: the job's first TIMED_ALONE runs alone (their times are honest single-run times
-    # for the runtime ratio, like train-refs' first models of a job), the others at once.
-    lockstep = payload.get("engine") == "ensemble" and len(todo) > TIMED_ALONE + 1
-    together = todo[TIMED_ALONE:] if lockstep else []
+    # Lockstep: the job's first `timed_alone` runs alone (train_refs.timed_alone: their times are
+    # honest single-run times for the runtime ratio, like train-refs' models timed alone), the
+    # others at once.
+    k = int(payload["timed_alone"])
+    lockstep = payload.get("engine") == "ensemble" and len(todo) > k + 1
+    together = todo[k:] if lockstep else []
     # Every run timed alone is timed between two speed probes (train_refs.Probe), as train-refs
     # times its models: `score` divides each time by its probe.
     probe = Probe(ctx, recipe(ctx.cfg.train))

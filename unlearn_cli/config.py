@@ -126,6 +126,10 @@ class LaunchConfig:
     # thread count changes the order of float sums: a model is then bit-identical whatever
     # --workers is. 1 = one job per core, the fastest for many small models.
     threads: int = 1
+    # Models (train-refs) or runs (apply) of one command trained alone and timed between speed
+    # probes, for the runtime ratio, when the ensemble engine trains the rest in lockstep: spread
+    # over the jobs (train_refs.timed_alone). The loop engine times every model alone anyway.
+    timed_alone: int = 16
     backend: str = "local"  # local (processes on this machine) | ray (a Ray cluster)
     address: str = "auto"  # ray: auto (RAY_ADDRESS or a running `ray start`) | local | host:port
 
@@ -388,6 +392,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(launch.chunk_size >= 0, "launch.chunk_size", "an integer >= 0 (0 = automatic)",
          launch.chunk_size)
     need(launch.threads >= 1, "launch.threads", "an integer >= 1", launch.threads)
+    need(launch.timed_alone >= 1, "launch.timed_alone", "an integer >= 1", launch.timed_alone)
     need(launch.backend in ("local", "ray"), "launch.backend", "local or ray", launch.backend)
     need(bool(launch.address.strip()), "launch.address", "auto, local or host:port",
          launch.address)

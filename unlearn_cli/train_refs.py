@@ -30,12 +30,27 @@ from .store import ORIGINAL, REFERENCE, Store
 ORIGINAL_SEED = 2_000_000_000  # apart from reference seeds 0..N-1 and unlearning seeds 1e6 + i
 ENSEMBLE_ARCHS = ("mlp",)  # engine auto on a CPU: these train as lockstep ensembles
 MAX_ENSEMBLE_CHUNK = 25  # models per ensemble job: bounds the work a crash can lose
-# The first models of every job (train-refs and apply alike) are trained alone, timed between
-# speed probes, for the runtime ratio; the rest of an ensemble job in lockstep. Two, not one: a
-# single model's CPU time on a loaded 2-core machine varies by ~10-14% (sd; measured over 20-30
-# digits models beside a busy process, with or without the probe), so the median of 4 a side (the
-# demo: 4 jobs) put `retrain` at 0.81-1.03 and 8 a side halves the ratio's variance.
-TIMED_ALONE = 2
+
+
+def timed_alone(sizes: list[int], total: int) -> list[int]:
+    """How many models of each job (sizes: the jobs' model counts) to train alone, timed between
+    speed probes, for the runtime ratio; the ensemble engine trains the rest in lockstep.
+
+    `total` (launch.timed_alone, default 16) a command, dealt round-robin over the jobs (at most
+    a job's size): the demo's 100 models in 4 jobs of 25 get 4 each. Why 16: one digits model's
+    CPU time on a loaded 2-core machine varies by ~10-14% (sd), and `retrain`'s ratio (the same
+    work on both sides) came out with an sd of 0.093 over 11 demo-sized runs beside a busy
+    process with 8 a side, 0.071 with 12 and 0.055 with 16 (max distance from 1: 0.155, 0.135,
+    0.096). A total, not a count per job, so that a bank of 1,000 models (40 jobs) does not pay
+    for 80 or more slow models the ratio does not need."""
+    counts = [0] * len(sizes)
+    left = max(0, total)
+    while left > 0 and any(c < n for c, n in zip(counts, sizes)):
+        for i, n in enumerate(sizes):
+            if left > 0 and counts[i] < n:
+                counts[i] += 1
+                left -= 1
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +179,15 @@ def run(
         jobs = []
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
-                            {**base, "kind": ORIGINAL, "seeds": [ORIGINAL_SEED]}, 1))
-        for chunk in _chunks(missing, launch.chunk_size, len(slots), engine):
+                            {**base, "kind": ORIGINAL, "seeds": [ORIGINAL_SEED],
+                             "timed_alone": 1}, 1))
+        chunks = _chunks(missing, launch.chunk_size, len(slots), engine)
+        alone = timed_alone([len(chunk) for chunk in chunks], launch.timed_alone)
+        for chunk, k in zip(chunks, alone):
             name = f"reference-{chunk[0]}" + (f"..{chunk[-1]}" if len(chunk) > 1 else "")
             jobs.append(Job(name, f"{__name__}:train_job",
-                            {**base, "kind": REFERENCE, "seeds": chunk}, len(chunk)))
+                            {**base, "kind": REFERENCE, "seeds": chunk, "timed_alone": k},
+                            len(chunk)))
         if on_plan is not None:
             # Reused reference models only: the original is not one (it was counted as one).
             on_plan(count, len(done & set(range(num_models))))
@@ -297,10 +316,9 @@ class Probe:
     becomes a ratio of work. Measured on this project's 2-core machine under a load average of
     6-10 (other agents' work), `retrain` (7 models a side, 10 epochs): 0.84-1.16 in 6 runs with
     probes of 38 steps (an earlier rounding; now exactly PROBE_STEPS; median distance from 1:
-    0.06), against 0.81-1.37 in seconds (0.14). At the demo's size (100 a side, 8 of them timed
-    alone: TIMED_ALONE per job) beside one busy process (load 2-3): 0.92-1.09 in 5 runs (0.82-1.25
-    in seconds), and 0.85-1.18 in 5 more (benchmarks/bench_runtime_ratio.py; 0.95-1.08 in
-    seconds); with 4 timed alone a side, 0.81-1.03 in 4 runs. A longer probe did not help: a
+    0.06), against 0.81-1.37 in seconds (0.14). At the demo's size (100 a side) beside one busy
+    process (load 2-3), with 16 timed alone a side (launch.timed_alone): 0.904-1.104 in 12 runs
+    (0.922-1.219 in seconds); with 8 a side, 0.85-1.18 in 5 runs. A longer probe did not help: a
     model's own time varies as much. Costs PROBE_STEPS steps per run timed alone,
     never more than the recipe's own training (a digits model takes 570 steps, a finetune run 95).
     """
@@ -364,10 +382,11 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
 
     warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
 
-    # The first TIMED_ALONE models of a job are always trained alone: their times are honest
-    # "retrain from scratch" times for the runtime ratio in `score`, which ensemble shares would
-    # understate.
-    alone, rest = seeds[:TIMED_ALONE], seeds[TIMED_ALONE:]
+    # The job's first `timed_alone` models (timed_alone()) are trained alone: their times are
+    # honest "retrain from scratch" times for the runtime ratio in `score`, which ensemble shares
+    # would understate.
+    k = int(payload["timed_alone"])
+    alone, rest = seeds[:k], seeds[k:]
     probe = Probe(ctx, options)
     probe.take()
     for first in alone:
