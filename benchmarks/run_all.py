@@ -32,6 +32,7 @@ SCRIPTS = [
     "bench_cli.py",
     "bench_report.py",
     "bench_ray.py",
+    "bench_runtime_ratio.py",  # last: it runs a busy process beside itself on purpose
 ]
 
 
