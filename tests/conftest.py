@@ -20,7 +20,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 # A fast variant of the default: few epochs, in-process jobs. Used by most tests.
 # launch.timed_alone=2: the small banks of the suite (6 models, one job) keep both kinds, two
-# models timed alone and four in lockstep (the default, 16 a command, would time all six alone).
+# models timed alone and four in lockstep (the default, 12 a command, would time all six alone).
 FAST = ["train.epochs=3", "method.finetune.epochs=1", "method.reset-head.epochs=1",
         "launch.workers=1", "launch.timed_alone=2"]
 

@@ -129,7 +129,7 @@ class LaunchConfig:
     # Models (train-refs) or runs (apply) of one command trained alone and timed between speed
     # probes, for the runtime ratio, when the ensemble engine trains the rest in lockstep: spread
     # over the jobs (train_refs.timed_alone). The loop engine times every model alone anyway.
-    timed_alone: int = 16
+    timed_alone: int = 12
     backend: str = "local"  # local (processes on this machine) | ray (a Ray cluster)
     address: str = "auto"  # ray: auto (RAY_ADDRESS or a running `ray start`) | local | host:port
 

@@ -36,13 +36,18 @@ def timed_alone(sizes: list[int], total: int) -> list[int]:
     """How many models of each job (sizes: the jobs' model counts) to train alone, timed between
     speed probes, for the runtime ratio; the ensemble engine trains the rest in lockstep.
 
-    `total` (launch.timed_alone, default 16) a command, dealt round-robin over the jobs (at most
-    a job's size): the demo's 100 models in 4 jobs of 25 get 4 each. Why 16: one digits model's
-    CPU time on a loaded 2-core machine varies by ~10-14% (sd), and `retrain`'s ratio (the same
-    work on both sides) came out with an sd of 0.093 over 11 demo-sized runs beside a busy
-    process with 8 a side, 0.071 with 12 and 0.055 with 16 (max distance from 1: 0.155, 0.135,
-    0.096). A total, not a count per job, so that a bank of 1,000 models (40 jobs) does not pay
-    for 80 or more slow models the ratio does not need."""
+    `total` (launch.timed_alone, default 12) a command, dealt round-robin over the jobs (at most
+    a job's size): the demo's 100 models in 4 jobs of 25 get 3 each. A total, not a count per job,
+    so that a bank of 1,000 models (40 jobs) does not pay for slow models the ratio does not need.
+
+    Why 12: a trade-off measured on this project's 2-core machine. One digits model's CPU time
+    varies by ~10-14% (sd) from one model to the next, even alone on a quiet machine (a VM), so
+    `retrain`'s ratio (the same work on both sides) is as steady as the number of models timed
+    alone a side: over 11-12 demo-sized runs beside a busy process its sd was 0.093 with 8, 0.071
+    with 12 and 0.055 with 16 (resampled from the same runs), and another 12 runs with 16 read
+    0.90-1.20 (sd 0.07). Each model timed alone costs a lockstep model's time three times over:
+    with 16 the demo took 22.6 s (2.91x its one-process baseline), against 17.7 s (3.28x) with 8.
+    """
     counts = [0] * len(sizes)
     left = max(0, total)
     while left > 0 and any(c < n for c, n in zip(counts, sizes)):
