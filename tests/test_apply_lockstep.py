@@ -1,8 +1,8 @@
 """apply's ensemble engine: methods with a lockstep form (finetune, retrain) run K seeds at once.
 
 What must hold: each run is the model the method alone gives for its seed, up to float rounding;
-the bits do not depend on --workers (jobs are cut by run index); the first run of every job is
-timed alone and only those times reach the runtime ratio.
+the bits do not depend on --workers (jobs are cut by run index); the runs chosen by
+train_refs.timed_alone are timed alone and only those times reach the runtime ratio.
 """
 
 import shutil
@@ -55,8 +55,8 @@ def test_lockstep_runs_match_runs_alone_and_do_not_depend_on_workers(trained_sto
         for key in a:
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())  # bits, any workers
             np.testing.assert_allclose(a[key].numpy(), c[key].numpy(), atol=1e-4, rtol=0)
-    # One job of six runs: the first two (launch.timed_alone=2) timed alone, four in lockstep as
-    # shares of their group.
+    # One job of six runs: the first two (conftest.FAST's launch.timed_alone) timed alone, four in
+    # lockstep as shares of their group.
     metas = _metas(roots["one"], method)
     assert [m["timing"] for m in metas] == ["sequential"] * 2 + ["ensemble-share"] * 4
     assert all(m["engine"] == "ensemble" and m["ensemble_size"] == 4 for m in metas[2:])
@@ -85,9 +85,10 @@ def test_a_lockstep_form_that_returns_the_wrong_thing_is_one_clear_error(trained
     shutil.copytree(trained_store, root)
     method = resolve("finetune")
     monkeypatch.setattr(method.fn, "lockstep", lambda models, *a, **k: models[:1])
-    # Runs 6..11 in jobs 6-7 and 8-11, two of each timed alone (launch.timed_alone=4 dealt over
-    # the two jobs): 8 and 9 alone, 10 and 11 in lockstep.
-    cfg = load_config(None, FAST + ["launch.chunk_size=4", "launch.timed_alone=4"])
+    # Runs 6..11 in jobs 6-7 and 8-11 (chunks 1 and 2 of 4). launch.timed_alone=10 deals over
+    # four chunks: positions 0-1 of each and position 2 of chunks 0-1, so runs 6, 8 and 9 alone,
+    # and 7 too (a single run left over); 10 and 11 in lockstep.
+    cfg = load_config(None, FAST + ["launch.chunk_size=4", "launch.timed_alone=10"])
     with pytest.raises(JobsFailed) as info:
         apply.run(cfg, root, method_spec="finetune", num_models=12)
     assert "must return one torch.nn.Module per seed" in str(info.value)

@@ -195,12 +195,15 @@ def test_apply_with_two_worker_processes(trained_store, tmp_path):
 @pytest.mark.slow
 def test_train_refs_gives_the_same_models_on_one_or_two_workers(tmp_path):
     """The ensemble engine's jobs are cut by seed, not by worker count: equal bits either way."""
-    sets = [s for s in FAST if not s.startswith("launch")] + ["train.epochs=2"]
+    sets = [s for s in FAST if not s.startswith("launch.workers")] + ["train.epochs=2"]
     for workers in (1, 2):
         cfg = load_config(None, sets + [f"launch.workers={workers}"])
         train_refs.run(cfg, tmp_path / f"w{workers}", num_models=6)
     one, two = Store(tmp_path / "w1"), Store(tmp_path / "w2")
     assert one.done_seeds(REFERENCE) == two.done_seeds(REFERENCE) == list(range(6))
+    # Both kinds of training are compared: two models alone, four in lockstep (conftest.FAST).
+    timing = [one.load_outputs(REFERENCE, s)[1]["timing"] for s in range(6)]
+    assert timing == ["sequential"] * 2 + ["ensemble-share"] * 4
     for seed in [None, *range(6)]:
         kind = ORIGINAL if seed is None else REFERENCE
         a, _ = one.load_outputs(kind, seed)

@@ -104,11 +104,12 @@ def test_train_refs_with_engine_ensemble_stores_lockstep_members_of_a_conv_net(t
     cfg = load_config(CONFIGS["fast"], [
         f"data.root={root}", "data.forget_size=50", "train.epochs=1", "train.batch_size=25",
         "model.widths=[2,4,4]", "train.engine=ensemble", "train.ensemble_size=2",
-        "launch.workers=1", "launch.device=cpu", "launch.timed_alone=2"])
+        "launch.workers=1", "launch.device=cpu", "launch.timed_alone=8"])
     train_refs.run(cfg, tmp_path / "store", num_models=4, inline=True)
     store = Store(tmp_path / "store")
     metas = [store.load_outputs(REFERENCE, s)[1] for s in range(4)]
-    # The job's first two (launch.timed_alone=2) alone, the other two as one lockstep group.
+    # Seeds 0 and 1 alone (launch.timed_alone=8 dealt over four jobs of 25: positions 0 and 1),
+    # the other two as one lockstep group.
     assert all(m["engine"] == "loop" and m["timing"] == "sequential" for m in metas[:2])
     assert [m["engine"] for m in metas[2:]] == ["ensemble", "ensemble"]
     assert {m["ensemble_size"] for m in metas[2:]} == {2}

@@ -40,9 +40,9 @@ def test_models_timed_alone_carry_their_probe_and_the_report_uses_it(trained_sto
     metas = [s.load_outputs(REFERENCE, i)[1] for i in s.done_seeds(REFERENCE)]
     metas += [s.load_outputs(UNLEARNED, i, "finetune")[1]
               for i in s.done_seeds(UNLEARNED, "finetune")]
-    # launch.timed_alone=2 (tests/conftest.FAST) a command, one job each (6 reference models:
-    # jobs of 25; 6 finetune runs): seeds 0, 1, 1,000,000 and 1,000,001, and only they, timed
-    # between two probes.
+    # conftest.FAST's launch.timed_alone, one job each (6 reference models: jobs of 25; 6
+    # finetune runs): seeds 0, 1, 1,000,000 and 1,000,001, and only they, timed between two
+    # probes.
     probed = sorted(m["seed"] for m in metas if "probe_cpu_seconds" in m)
     assert probed == [0, 1, 1_000_000, 1_000_001]
     assert all(m["probe_cpu_seconds"] > 0 and m["probe_wall_seconds"] > 0
@@ -89,14 +89,23 @@ def test_a_probe_takes_its_steps_and_never_more_than_the_recipe(n, batch, epochs
     assert steps == [expected, expected]
 
 
-def test_timed_alone_deals_the_total_over_the_jobs():
+def test_timed_alone_deals_the_total_by_seed():
     from unlearn_cli.train_refs import timed_alone
 
-    assert timed_alone([25] * 4, 16) == [4] * 4  # the demo: 100 models in 4 jobs
-    assert timed_alone([25] * 40, 16) == [1] * 16 + [0] * 24  # a bank of 1,000: still 16
-    assert timed_alone([3, 1, 25], 16) == [3, 1, 12]  # never more than a job holds
-    assert timed_alone([2, 2], 16) == [2, 2]
-    assert timed_alone([6], 2) == [2] and timed_alone([], 16) == []
+    # The demo: 100 models in jobs of 25, 12 alone: positions 0-2 of the four jobs.
+    assert timed_alone(list(range(100)), 25, 12) == [0, 1, 2, 25, 26, 27, 50, 51, 52, 75, 76, 77]
+    # A bank of 1,000 (40 jobs): still 12, the same seeds.
+    assert timed_alone(list(range(1000)), 25, 12) == timed_alone(list(range(100)), 25, 12)
+    # By seed: a smaller or a resumed bank times alone what a full one would (of the seeds it has).
+    assert timed_alone(list(range(10)), 25, 12) == [0, 1, 2]
+    assert timed_alone([1, 2, 3, 26, 90], 25, 12) == [1, 2, 26]
+    # The deal goes round the jobs: 13 adds position 3 of the first job, not of the last.
+    assert timed_alone(list(range(100)), 25, 13) == [0, 1, 2, 3, 25, 26, 27, 50, 51, 52, 75, 76,
+                                                     77]
+    # More than four jobs' worth when the total needs it; never more than the seeds.
+    assert timed_alone(list(range(10)), 1, 6) == [0, 1, 2, 3, 4, 5]
+    assert timed_alone(list(range(8)), 2, 100) == list(range(8))
+    assert timed_alone([], 25, 12) == [] and timed_alone(list(range(5)), 25, 0) == []
 
 
 def test_launch_timed_alone_chooses_the_models_timed_alone(tmp_path):
@@ -106,17 +115,19 @@ def test_launch_timed_alone_chooses_the_models_timed_alone(tmp_path):
     from unlearn_cli.config import load_config
 
     cfg = load_config(None, [s for s in FAST if not s.startswith("launch.timed_alone")]
-                      + ["train.epochs=1", "launch.timed_alone=3", "launch.chunk_size=3"])
-    train_refs.run(cfg, tmp_path, num_models=6, inline=True)
-    apply.run(cfg, tmp_path, method_spec="finetune", num_models=6, inline=True)
+                      + ["train.epochs=1", "launch.timed_alone=5", "launch.chunk_size=4"])
+    # Four models first, then four more (a bank grown, as a resumed run sees it): seeds 0, 1
+    # (positions 0 and 1 of job 0) and 4 (position 0 of job 1), as one run of 8 would choose.
+    train_refs.run(cfg, tmp_path, num_models=4, inline=True)
+    train_refs.run(cfg, tmp_path, num_models=8, inline=True)
+    apply.run(cfg, tmp_path, method_spec="finetune", num_models=8, inline=True)
     s = Store(tmp_path)
-    alone = {kind: sorted(m["seed"] - base for m in metas if m["timing"] == "sequential")
-             for kind, base, metas in (
-                 ("reference", 0, [s.load_outputs(REFERENCE, i)[1] for i in range(6)]),
-                 ("unlearned", 1_000_000, [s.load_outputs(UNLEARNED, 1_000_000 + i, "finetune")[1]
-                                           for i in range(6)]))}
-    # Jobs of 3: two timed alone in the first, one in the second; the rest in lockstep, except
-    # that a job whose lockstep group would hold a single run times that run alone too.
-    assert alone == {"reference": [0, 1, 3], "unlearned": [0, 1, 2, 3]}
+    metas = {"reference": [s.load_outputs(REFERENCE, i)[1] for i in range(8)],
+             "unlearned": [s.load_outputs(UNLEARNED, 1_000_000 + i, "finetune")[1]
+                           for i in range(8)]}
+    for kind, bank in metas.items():
+        assert [i for i, m in enumerate(bank) if m["timing"] == "sequential"] == [0, 1, 4], kind
+        assert all(m["timing"] == "ensemble-share" for i, m in enumerate(bank)
+                   if i not in (0, 1, 4)), kind
     (rep,) = score.run(tmp_path, methods=["finetune"], bootstrap=0)
-    assert rep["runtime"]["normalised"] == {"unlearned": 4, "retrained": 3}
+    assert rep["runtime"]["normalised"] == {"unlearned": 3, "retrained": 3}

@@ -131,18 +131,20 @@ def run(
         launch = cfg.launch
         slots = plan(launch, num_jobs=len(missing))  # nothing missing: no cluster is joined
         from .context import gpu_workers, store_trained
-        from .train_refs import choose_engine, timed_alone
+        from .train_refs import MAX_ENSEMBLE_CHUNK, choose_engine, timed_alone
 
         engine = ("ensemble" if lockstep_of(method) is not None
                   and choose_engine(cfg, slots[0].device) == "ensemble" else "loop")
         base = {"config": cfg.to_dict(), "method": method_spec, "gpu_workers": gpu_workers(slots),
                 "engine": engine}
-        chunks = _chunks(missing, launch.chunk_size, len(slots), engine)
-        alone = timed_alone([len(chunk) for chunk in chunks], launch.timed_alone)
+        # Which runs are timed alone: by run index, as train-refs chooses reference seeds.
+        alone = {UNLEARN_SEED_BASE + i for i in timed_alone(
+            [s - UNLEARN_SEED_BASE for s in missing], launch.chunk_size or MAX_ENSEMBLE_CHUNK,
+            launch.timed_alone)}
         jobs = [
             Job(f"{method_spec}-{chunk[0] - UNLEARN_SEED_BASE}", f"{__name__}:apply_job",
-                {**base, "seeds": chunk, "timed_alone": k}, len(chunk))
-            for chunk, k in zip(chunks, alone)
+                {**base, "seeds": chunk, "alone": [s for s in chunk if s in alone]}, len(chunk))
+            for chunk in _chunks(missing, launch.chunk_size, len(slots), engine)
         ]
         if on_plan is not None:
             on_plan(len(missing), n - len(missing))
@@ -316,17 +318,20 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
-    # Lockstep: the job's first `timed_alone` runs alone (train_refs.timed_alone: their times are
-    # honest single-run times for the runtime ratio, like train-refs' models timed alone), the
-    # others at once.
-    k = int(payload["timed_alone"])
-    lockstep = payload.get("engine") == "ensemble" and len(todo) > k + 1
-    together = todo[k:] if lockstep else []
+    # Lockstep: the runs train_refs.timed_alone chose (payload["alone"]) run alone first (their
+    # times are honest single-run times for the runtime ratio, like train-refs' models timed
+    # alone), the others at once; a single run left over runs alone too (no group of one).
+    chosen = set(payload["alone"])
+    together = [s for s in todo if s not in chosen] if payload.get("engine") == "ensemble" else []
+    if len(together) == 1:
+        together = []
+    one_by_one = [s for s in todo if s not in together]
     # Every run timed alone is timed between two speed probes (train_refs.Probe), as train-refs
     # times its models: `score` divides each time by its probe.
     probe = Probe(ctx, recipe(ctx.cfg.train))
-    probe.take()
-    for seed in todo[: len(todo) - len(together)]:
+    if one_by_one:  # nothing to time: no probe
+        probe.take()
+    for seed in one_by_one:
         # One failing seed must not cost the job's other seeds: note it and go on.
         try:
             model, seconds, cpu_seconds = _run_once(ctx, method, params, original, data, seed)

@@ -126,9 +126,9 @@ class LaunchConfig:
     # thread count changes the order of float sums: a model is then bit-identical whatever
     # --workers is. 1 = one job per core, the fastest for many small models.
     threads: int = 1
-    # Models (train-refs) or runs (apply) of one command trained alone and timed between speed
-    # probes, for the runtime ratio, when the ensemble engine trains the rest in lockstep: spread
-    # over the jobs (train_refs.timed_alone). The loop engine times every model alone anyway.
+    # Models (train-refs) or runs (apply) trained alone and timed between speed probes, for the
+    # runtime ratio, when the ensemble engine trains the others in lockstep: chosen by seed
+    # (train_refs.timed_alone). The loop engine times every model alone anyway.
     timed_alone: int = 12
     backend: str = "local"  # local (processes on this machine) | ray (a Ray cluster)
     address: str = "auto"  # ray: auto (RAY_ADDRESS or a running `ray start`) | local | host:port

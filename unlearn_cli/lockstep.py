@@ -17,8 +17,8 @@ losses) and the same SGD, lookahead and schedule. Only float rounding differs: g
 in another order (tests/test_lockstep.py states the tolerance).
 
 `train.engine: ensemble` selects this engine for any architecture; `train.ensemble_size` sets K
-(0: every model of a job at once). A few models of every command are still trained alone
-(launch.timed_alone, spread over the jobs by train_refs.timed_alone), so the runtime ratio's
+(0: every model of a job at once). A few models of every bank are still trained alone
+(launch.timed_alone, chosen by seed by train_refs.timed_alone), so the runtime ratio's
 denominator is an honest single-model time.
 """
 

@@ -69,9 +69,9 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _kept(bank: dict[str, Any], alone_only: bool) -> tuple[list[int], str]:
-    """The models whose times count: those timed alone (apply and train-refs time launch.timed_alone
-    models of a lockstep command alone; every run of a method without a lockstep form is timed
-    alone)."""
+    """The models whose times count: those timed alone (apply and train-refs time
+    launch.timed_alone models of a lockstep bank alone, train_refs.timed_alone; every run of a
+    method without a lockstep form is timed alone)."""
     keep = [i for i, t in enumerate(bank["timing"]) if t == "sequential" or not alone_only]
     if keep:
         return keep, f"median of {len(keep)} models timed alone"
@@ -87,7 +87,7 @@ def _kept(bank: dict[str, Any], alone_only: bool) -> tuple[list[int], str]:
 def _probed_ratio(unl: dict[str, Any], u_keep: list[int], refs: dict[str, Any],
                   r_keep: list[int], clock: str) -> tuple[float, int, int] | None:
     """The runtime ratio in units of the speed probe (train_refs.Probe), from the counted models
-    that were timed between two probes (launch.timed_alone a command): median(time / probe) of the
+    that were timed between two probes (launch.timed_alone a bank): median(time / probe) of the
     unlearning runs over the same for the retrained models, with how many of each it used; None
     when either side has none (stores made before probes). Each time is divided by the machine's
     speed of its moment, so a bank timed on a quiet machine and a method timed on a busy one
@@ -280,7 +280,7 @@ def score_method(store: Store, method: str, *, metric: str = "official",
                          "retrained": r_time["load_average"]},
         "threads": {"unlearned": u_time["threads"], "retrained": r_time["threads"]},
         # ratio: in units of the speed probe taken around each model timed alone
-        # (launch.timed_alone a command) when both sides have such models (normalised: how many
+        # (launch.timed_alone a bank) when both sides have such models (normalised: how many
         # of each), else seconds over seconds; ratio_raw: always the latter.
         "normalised": (None if probed is None
                        else {"unlearned": probed[1], "retrained": probed[2]}),

@@ -32,30 +32,39 @@ ENSEMBLE_ARCHS = ("mlp",)  # engine auto on a CPU: these train as lockstep ensem
 MAX_ENSEMBLE_CHUNK = 25  # models per ensemble job: bounds the work a crash can lose
 
 
-def timed_alone(sizes: list[int], total: int) -> list[int]:
-    """How many models of each job (sizes: the jobs' model counts) to train alone, timed between
-    speed probes, for the runtime ratio; the ensemble engine trains the rest in lockstep.
+SPREAD_JOBS = 4  # launch.timed_alone is dealt over at least this many jobs' seeds
 
-    `total` (launch.timed_alone, default 12) a command, dealt round-robin over the jobs (at most
-    a job's size): the demo's 100 models in 4 jobs of 25 get 3 each. A total, not a count per job,
-    so that a bank of 1,000 models (40 jobs) does not pay for slow models the ratio does not need.
 
-    Why 12: a trade-off measured on this project's 2-core machine. One digits model's CPU time
-    varies by ~10-14% (sd) from one model to the next, even alone on a quiet machine (a VM), so
-    `retrain`'s ratio (the same work on both sides) is as steady as the number of models timed
-    alone a side: over 11-12 demo-sized runs beside a busy process its sd was 0.093 with 8, 0.071
-    with 12 and 0.055 with 16 (resampled from the same runs), and another 12 runs with 16 read
-    0.90-1.20 (sd 0.07). Each model timed alone costs a lockstep model's time three times over:
-    with 16 the demo took 22.6 s (2.91x its one-process baseline), against 17.7 s (3.28x) with 8.
+def timed_alone(seeds: list[int], chunk_size: int, total: int) -> list[int]:
+    """Which of `seeds` (reference seeds, or unlearning runs' indices) to train alone, timed
+    between speed probes, for the runtime ratio; the ensemble engine trains the others of their
+    job in lockstep. chunk_size: the jobs' cut (`_chunks`: launch.chunk_size, else
+    MAX_ENSEMBLE_CHUNK); total: launch.timed_alone.
+
+    Dealt round-robin over the first G = max(SPREAD_JOBS, ceil(total / chunk_size)) jobs' worth of
+    seeds, slot by slot: seed s at position p of chunk c (c < G) is the (p * G + c)-th dealt, and
+    timed alone when that is below `total`. The demo's 100 models in jobs of 25 get 3 each (seeds
+    0-2, 25-27, 50-52, 75-77). The rule reads the seed only: which models are trained alone (and
+    so their last bits, since a lockstep group's rounding depends on its members) depends neither
+    on how many models a command asks for nor on what a resumed run finds stored, nor on
+    --workers. A bank of fewer than G jobs has fewer than `total` (a bank of 10: 3). A total, not a
+    count per job, so that a bank of 1,000 models (40 jobs) pays for no more than a bank of 100.
+
+    Why 12 by default: a trade-off measured on this project's 2-core machine (one digits model's
+    CPU time varies by ~10-14%, sd, from one model to the next): `benchmarks/bench_runtime_ratio.py`
+    read `retrain` at 0.839-1.015 in 5 runs with 12 (4 within 1 +- 0.15), 0.950-1.079 with 16
+    (5 of 5) and 0.845-1.176 with 8 (3 of 5), while 16 took the demo from 21.4 s to 22.6 s and
+    its speed-up below 3x (benchmarks/results/).
     """
-    counts = [0] * len(sizes)
-    left = max(0, total)
-    while left > 0 and any(c < n for c, n in zip(counts, sizes)):
-        for i, n in enumerate(sizes):
-            if left > 0 and counts[i] < n:
-                counts[i] += 1
-                left -= 1
-    return counts
+    if chunk_size <= 0 or total <= 0:
+        return []
+    spread = max(SPREAD_JOBS, -(-total // chunk_size))
+    chosen = []
+    for seed in seeds:
+        chunk, position = divmod(seed, chunk_size)
+        if chunk < spread and position * spread + chunk < total:
+            chosen.append(seed)
+    return chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,14 +194,14 @@ def run(
         if need_original:
             jobs.append(Job("original", f"{__name__}:train_job",
                             {**base, "kind": ORIGINAL, "seeds": [ORIGINAL_SEED],
-                             "timed_alone": 1}, 1))
-        chunks = _chunks(missing, launch.chunk_size, len(slots), engine)
-        alone = timed_alone([len(chunk) for chunk in chunks], launch.timed_alone)
-        for chunk, k in zip(chunks, alone):
+                             "alone": [ORIGINAL_SEED]}, 1))
+        alone = set(timed_alone(missing, launch.chunk_size or MAX_ENSEMBLE_CHUNK,
+                                launch.timed_alone))
+        for chunk in _chunks(missing, launch.chunk_size, len(slots), engine):
             name = f"reference-{chunk[0]}" + (f"..{chunk[-1]}" if len(chunk) > 1 else "")
             jobs.append(Job(name, f"{__name__}:train_job",
-                            {**base, "kind": REFERENCE, "seeds": chunk, "timed_alone": k},
-                            len(chunk)))
+                            {**base, "kind": REFERENCE, "seeds": chunk,
+                             "alone": [s for s in chunk if s in alone]}, len(chunk)))
         if on_plan is not None:
             # Reused reference models only: the original is not one (it was counted as one).
             on_plan(count, len(done & set(range(num_models))))
@@ -322,10 +331,10 @@ class Probe:
     6-10 (other agents' work), `retrain` (7 models a side, 10 epochs): 0.84-1.16 in 6 runs with
     probes of 38 steps (an earlier rounding; now exactly PROBE_STEPS; median distance from 1:
     0.06), against 0.81-1.37 in seconds (0.14). At the demo's size (100 a side) beside one busy
-    process (load 2-3), with 16 timed alone a side (launch.timed_alone): 0.904-1.104 in 12 runs
-    (0.922-1.219 in seconds); with 8 a side, 0.85-1.18 in 5 runs. A longer probe did not help: a
-    model's own time varies as much. Costs PROBE_STEPS steps per run timed alone,
-    never more than the recipe's own training (a digits model takes 570 steps, a finetune run 95).
+    process, see timed_alone(): the ratio is as steady as the number of models timed alone. A
+    longer probe did not help: a model's own time varies as much. Costs PROBE_STEPS steps per run
+    timed alone, never more than the recipe's own training (a digits model takes 570 steps, a
+    finetune run 95).
     """
 
     def __init__(self, ctx: Any, options: dict[str, Any]):
@@ -387,13 +396,16 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
 
     warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
 
-    # The job's first `timed_alone` models (timed_alone()) are trained alone: their times are
-    # honest "retrain from scratch" times for the runtime ratio in `score`, which ensemble shares
-    # would understate.
-    k = int(payload["timed_alone"])
-    alone, rest = seeds[:k], seeds[k:]
+    # The job's seeds that timed_alone() chose (payload["alone"]) are trained alone first: their
+    # times are honest "retrain from scratch" times for the runtime ratio in `score`, which
+    # ensemble shares would understate. So is a single seed left over (no lockstep group of one).
+    chosen = set(payload["alone"])
+    alone, rest = [s for s in seeds if s in chosen], [s for s in seeds if s not in chosen]
+    if len(rest) == 1:
+        alone, rest = alone + rest, []
     probe = Probe(ctx, options)
-    probe.take()
+    if alone or payload["engine"] != "ensemble":  # nothing to time: no probe
+        probe.take()
     for first in alone:
         model, seconds, cpu_seconds = train_alone(seed_of(first))
         meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds,
