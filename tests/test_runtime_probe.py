@@ -108,6 +108,17 @@ def test_timed_alone_deals_the_total_by_seed():
     assert timed_alone([], 25, 12) == [] and timed_alone(list(range(5)), 25, 0) == []
 
 
+def test_a_job_splits_into_runs_timed_alone_and_a_lockstep_group():
+    from unlearn_cli.train_refs import split_alone
+
+    assert split_alone([0, 1, 2, 3], [0], True) == ([0], [1, 2, 3])
+    assert split_alone([5, 6], [], True) == ([], [5, 6])  # nothing chosen: no probe, all at once
+    # A single seed left over is trained alone too (timed), not as a lockstep group of one.
+    assert split_alone([0, 1, 2], [0, 1], True) == ([0, 1, 2], [])
+    # The loop engine: every seed one by one, in seed order.
+    assert split_alone([3, 4, 5], [4], False) == ([3, 4, 5], [])
+
+
 def test_launch_timed_alone_chooses_the_models_timed_alone(tmp_path):
     from conftest import FAST
 

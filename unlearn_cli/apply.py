@@ -301,7 +301,7 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
     """Run the method once per seed of the job, yielding each result as a `context.Trained` (the
     driver stores it); runs in a worker."""
     from .context import context, finish_model, provenance, timing
-    from .train_refs import Probe, timing_context, warm_steps
+    from .train_refs import Probe, split_alone, timing_context, warm_steps
     from .training import recipe, warm_up_method
 
     ctx = context(payload, device, shared)
@@ -318,14 +318,10 @@ def apply_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
         warm_up_method(lambda: _run_once(ctx, method, params, original, data, todo[0]),
                        ctx.device, key=(spec, ctx.cfg.identity_hash()))
     failures: list[str] = []
-    # Lockstep: the runs train_refs.timed_alone chose (payload["alone"]) run alone first (their
-    # times are honest single-run times for the runtime ratio, like train-refs' models timed
-    # alone), the others at once; a single run left over runs alone too (no group of one).
-    chosen = set(payload["alone"])
-    together = [s for s in todo if s not in chosen] if payload.get("engine") == "ensemble" else []
-    if len(together) == 1:
-        together = []
-    one_by_one = [s for s in todo if s not in together]
+    # Lockstep: the runs train_refs.timed_alone chose (payload["alone"]) run alone (their times
+    # are honest single-run times for the runtime ratio, like train-refs' models timed alone),
+    # the others at once; split as train-refs splits a job.
+    one_by_one, together = split_alone(todo, payload["alone"], payload.get("engine") == "ensemble")
     # Every run timed alone is timed between two speed probes (train_refs.Probe), as train-refs
     # times its models: `score` divides each time by its probe.
     probe = Probe(ctx, recipe(ctx.cfg.train))

@@ -67,6 +67,18 @@ def timed_alone(seeds: list[int], chunk_size: int, total: int) -> list[int]:
     return chosen
 
 
+def split_alone(seeds: list[int], chosen: list[int], lockstep: bool) -> tuple[list[int], list[int]]:
+    """A job's seeds as (trained one by one and timed, trained together in lockstep), in seed
+    order: with lockstep (the ensemble engine), the seeds timed_alone() chose go one by one and
+    the others together, except a single one left over, which goes one by one too (no lockstep
+    group of one: an honest time instead of a share); without, every seed one by one."""
+    picked = set(chosen)
+    together = [s for s in seeds if s not in picked] if lockstep else []
+    if len(together) == 1:
+        together = []
+    return [s for s in seeds if s not in together], together
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainRefsResult:
     store: Path
@@ -396,28 +408,23 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
 
     warm_steps(ctx, options)  # the first timed model must not pay the process's first steps
 
-    # The job's seeds that timed_alone() chose (payload["alone"]) are trained alone first: their
-    # times are honest "retrain from scratch" times for the runtime ratio in `score`, which
-    # ensemble shares would understate. So is a single seed left over (no lockstep group of one).
-    chosen = set(payload["alone"])
-    alone, rest = [s for s in seeds if s in chosen], [s for s in seeds if s not in chosen]
-    if len(rest) == 1:
-        alone, rest = alone + rest, []
+    # The seeds timed_alone() chose (payload["alone"]) are trained alone, timed: honest "retrain
+    # from scratch" times for the runtime ratio in `score`, which ensemble shares would
+    # understate; on the ensemble engine the others in lockstep (split_alone).
+    one_by_one, together = split_alone(seeds, payload["alone"], payload["engine"] == "ensemble")
     probe = Probe(ctx, options)
-    if alone or payload["engine"] != "ensemble":  # nothing to time: no probe
+    if one_by_one:  # nothing to time: no probe
         probe.take()
-    for first in alone:
-        model, seconds, cpu_seconds = train_alone(seed_of(first))
-        meta = provenance(ctx, kind, seed_of(first), wall_seconds=seconds,
+    for seed in one_by_one:
+        model, seconds, cpu_seconds = train_alone(seed_of(seed))
+        meta = provenance(ctx, kind, seed_of(seed), wall_seconds=seconds,
                           cpu_seconds=cpu_seconds, engine="loop", **timing(ctx, payload),
                           **timing_context(), **probe.take())
-        yield finish_model(ctx, kind, first if kind != ORIGINAL else None, model, meta)
-    if not rest:
-        return
-    if payload["engine"] == "ensemble":
+        yield finish_model(ctx, kind, seed if kind != ORIGINAL else None, model, meta)
+    if together:
         from .lockstep import groups
 
-        for group in groups(rest, ctx.cfg.train.ensemble_size):  # lockstep, K models at once
+        for group in groups(together, ctx.cfg.train.ensemble_size):  # lockstep, K at once
             models = [init_model(ctx.spec, s).to(ctx.device) for s in group]
             with Stopwatch(ctx.device) as watch, CpuClock() as cpu:
                 for model in models:
@@ -429,10 +436,3 @@ def train_job(payload: dict[str, Any], *, device: str, progress: Callable[[int],
                                   timing="ensemble-share", engine="ensemble",
                                   ensemble_size=len(group), **timing_context())
                 yield finish_model(ctx, kind, seed, model, meta)
-        return
-    for seed in rest:
-        model, seconds, cpu_seconds = train_alone(seed)
-        meta = provenance(ctx, kind, seed, wall_seconds=seconds, cpu_seconds=cpu_seconds,
-                          engine="loop", **timing(ctx, payload), **timing_context(),
-                          **probe.take())
-        yield finish_model(ctx, kind, seed, model, meta)
