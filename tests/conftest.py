@@ -21,7 +21,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # A fast variant of the default: few epochs, in-process jobs. Used by most tests.
 # launch.timed_alone=8: the small banks of the suite (6 models, one job) keep both kinds, two
 # models timed alone and four in lockstep (8 are dealt over four jobs' seeds, train_refs.
-# timed_alone: positions 0 and 1 of each; the default, 12, would time three alone).
+# timed_alone: positions 0 and 1 of each; the default, 32, would time all six alone).
 FAST = ["train.epochs=3", "method.finetune.epochs=1", "method.reset-head.epochs=1",
         "launch.workers=1", "launch.timed_alone=8"]
 

@@ -96,6 +96,6 @@ def test_method_ranges_are_checked():
 
 
 def test_launch_timed_alone_must_be_at_least_one():
-    assert load_config(None).launch.timed_alone == 12
+    assert load_config(None).launch.timed_alone == 32
     with pytest.raises(ConfigError, match="launch.timed_alone: expected an integer >= 1, got 0"):
         load_config(None, ["launch.timed_alone=0"])

@@ -50,11 +50,14 @@ def timed_alone(seeds: list[int], chunk_size: int, total: int) -> list[int]:
     --workers. A bank of fewer than G jobs has fewer than `total` (a bank of 10: 3). A total, not a
     count per job, so that a bank of 1,000 models (40 jobs) pays for no more than a bank of 100.
 
-    Why 12 by default: a trade-off measured on this project's 2-core machine (one digits model's
-    CPU time varies by ~10-14%, sd, from one model to the next): `benchmarks/bench_runtime_ratio.py`
-    read `retrain` at 0.839-1.015 in 5 runs with 12 (4 within 1 +- 0.15), 0.950-1.079 with 16
-    (5 of 5) and 0.845-1.176 with 8 (3 of 5), while 16 took the demo from 21.4 s to 22.6 s and
-    its speed-up below 3x (benchmarks/results/).
+    Why 32 by default: one digits model's CPU time varies by ~14% (sd) from one model to the
+    next beside a busy neighbour, independently from one model to the next (a full reference run
+    timed right beside each unlearning run, tried instead of the probe, varied as much), so only
+    more models timed alone make the ratio steadier. `benchmarks/bench_runtime_ratio.py`
+    at the demo's size beside one busy process read `retrain` at 0.935-1.091 in 10 runs with 32 (10
+    within 1 +- 0.15), against 0.839-1.015 in 5 runs with 12 (4 of 5), 0.867-1.261 in 10 with 16 (9
+    of 10) and 0.845-1.176 in 5 with 8 (3 of 5). The price: each model timed alone costs more than
+    a lockstep member (the demo about 4 s more with 32 than with 12; benchmarks/results/).
     """
     if chunk_size <= 0 or total <= 0:
         return []
