@@ -43,12 +43,13 @@ def timed_alone(seeds: list[int], chunk_size: int, total: int) -> list[int]:
 
     Dealt round-robin over the first G = max(SPREAD_JOBS, ceil(total / chunk_size)) jobs' worth of
     seeds, slot by slot: seed s at position p of chunk c (c < G) is the (p * G + c)-th dealt, and
-    timed alone when that is below `total`. The demo's 100 models in jobs of 25 get 3 each (seeds
-    0-2, 25-27, 50-52, 75-77). The rule reads the seed only: which models are trained alone (and
-    so their last bits, since a lockstep group's rounding depends on its members) depends neither
-    on how many models a command asks for nor on what a resumed run finds stored, nor on
-    --workers. A bank of fewer than G jobs has fewer than `total` (a bank of 10: 3). A total, not a
-    count per job, so that a bank of 1,000 models (40 jobs) pays for no more than a bank of 100.
+    timed alone when that is below `total`. The demo's 100 models in jobs of 25 get 8 each with
+    the default of 32 (seeds 0-7, 25-32, 50-57, 75-82). The rule reads the seed only: which
+    models are trained alone (and so their last bits, since a lockstep group's rounding depends
+    on its members) depends neither on how many models a command asks for nor on what a resumed
+    run finds stored, nor on --workers. A bank of fewer than G jobs has fewer than `total` (a
+    bank of 10: 8 of 32). A total, not a count per job, so that a bank of 1,000 models (40 jobs)
+    pays for no more than a bank of 100.
 
     Why 32 by default: one digits model's CPU time varies by ~14% (sd) from one model to the
     next beside a busy neighbour, independently from one model to the next (a full reference run
@@ -57,7 +58,8 @@ def timed_alone(seeds: list[int], chunk_size: int, total: int) -> list[int]:
     at the demo's size beside one busy process read `retrain` at 0.935-1.091 in 10 runs with 32 (10
     within 1 +- 0.15), against 0.839-1.015 in 5 runs with 12 (4 of 5), 0.867-1.261 in 10 with 16 (9
     of 10) and 0.845-1.176 in 5 with 8 (3 of 5). The price: each model timed alone costs more than
-    a lockstep member (the demo about 4 s more with 32 than with 12; benchmarks/results/).
+    a lockstep member (the demo took 26.3 s with 32, 21.3 s with 12, side by side:
+    bench_demo.py in benchmarks/results/latest.txt).
     """
     if chunk_size <= 0 or total <= 0:
         return []
