@@ -12,7 +12,7 @@ whether every run was within 1 ± 0.15; and `finetune`'s ratio, which reads near
 
     python benchmarks/bench_runtime_ratio.py [--num-models 100] [--runs 5] [--load 1]
 
-Last in `make bench`, because it loads the machine on purpose (about 45-55 s a run here at
+Last in `make bench`, because it loads the machine on purpose (about 45-60 s a run here at
 N = 100 with the default of 32 models timed alone a side); the busy processes end with it.
 """
 
